@@ -1,0 +1,18 @@
+"""SVDQuant core: numerics, packed layouts, quantized layers, the quantizer and the checkpoint format.
+
+Needs only torch and safetensors: no ComfyUI, no GPU, no compiler.
+"""
+
+from .errors import CalibrationError, CheckpointError, ConfigError, SVDQuantError
+from .layers import ConcatLinear, SplitInputLinear, W4A4Linear, W4A16Linear
+
+__all__ = [
+    "CalibrationError",
+    "CheckpointError",
+    "ConcatLinear",
+    "ConfigError",
+    "SVDQuantError",
+    "SplitInputLinear",
+    "W4A4Linear",
+    "W4A16Linear",
+]

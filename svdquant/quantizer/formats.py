@@ -1,0 +1,92 @@
+"""The two 4-bit residual formats behind one interface, so the quantizer's recipe is written once.
+
+A format turns a residual (N, K) into fixed scales, rounds columns against those scales (RTN or
+GPTQ), fake-quantizes activations exactly as the runtime does, and packs the result into the
+checkpoint's tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import int4, nvfp4, packing
+
+
+@dataclass
+class ResidualScales:
+    effective: torch.Tensor  # fp32 (N, K/group): the factor each group's codes are multiplied by
+    stored: dict[str, torch.Tensor]  # unpacked tensors as stored: wscales (N, G) [+ wcscales, wtscale]
+
+
+class Int4Format:
+    name = "int4"
+    group = int4.GROUP
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def scales(self, residual: torch.Tensor) -> ResidualScales:
+        wscales = int4.weight_scales(residual, self.dtype)
+        return ResidualScales(wscales.float(), {"wscales": wscales})
+
+    def round(self, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Dequantized RTN of ``values`` (N, c) against per-row ``scales`` (N, 1) or (N, c/group)."""
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        return torch.round(values / safe).clamp_(-8, 7) * scales
+
+    def codes(self, residual: torch.Tensor, scales: ResidualScales) -> torch.Tensor:
+        return int4.quantize_weight_with_scales(residual, scales.stored["wscales"])
+
+    def dequantize(self, codes: torch.Tensor, scales: ResidualScales) -> torch.Tensor:
+        return int4.dequantize_weight(codes, scales.effective)
+
+    def fake_quantize_input(self, x: torch.Tensor, smooth: torch.Tensor, unsigned: bool) -> torch.Tensor:
+        return int4.dequantize_activations(*int4.quantize_activations(x, smooth, unsigned))
+
+    def pack(self, codes: torch.Tensor, scales: ResidualScales, np_: int, kp: int) -> dict[str, torch.Tensor]:
+        wscales = packing.pad_to(scales.stored["wscales"], (np_, kp // self.group), value=1.0)
+        return {
+            "qweight": packing.pack_qweight(packing.pad_to(codes, (np_, kp))),
+            "wscales": packing.pack_scales(wscales),
+        }
+
+
+class Nvfp4Format:
+    name = "nvfp4"
+    group = nvfp4.GROUP
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def scales(self, residual: torch.Tensor) -> ResidualScales:
+        group_scales, wcscales, wtscale = nvfp4.weight_scales(residual, self.dtype)
+        effective = nvfp4.effective_weight_scales(group_scales, wcscales, wtscale)
+        return ResidualScales(effective, {"wscales": group_scales, "wcscales": wcscales, "wtscale": wtscale})
+
+    def round(self, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        return nvfp4.decode_e2m1(nvfp4.encode_e2m1(values / safe)) * scales
+
+    def codes(self, residual: torch.Tensor, scales: ResidualScales) -> torch.Tensor:
+        return nvfp4.quantize_weight_with_scales(residual, scales.effective)
+
+    def dequantize(self, codes: torch.Tensor, scales: ResidualScales) -> torch.Tensor:
+        return nvfp4.dequantize_weight(codes, scales.effective)
+
+    def fake_quantize_input(self, x: torch.Tensor, smooth: torch.Tensor, unsigned: bool) -> torch.Tensor:
+        return nvfp4.dequantize_activations(*nvfp4.quantize_activations(x, smooth))
+
+    def pack(self, codes: torch.Tensor, scales: ResidualScales, np_: int, kp: int) -> dict[str, torch.Tensor]:
+        group_scales = packing.pad_to(scales.stored["wscales"], (np_, kp // self.group), value=1.0)
+        return {
+            "qweight": packing.pack_qweight(packing.pad_to(codes, (np_, kp))),
+            "wscales": packing.pack_fp8_scales(group_scales),
+            "wcscales": packing.pack_vector(packing.pad_to(scales.stored["wcscales"], (np_,), value=1.0)),
+            "wtscale": scales.stored["wtscale"].reshape(1),
+        }
+
+
+def residual_format(precision: str, dtype: torch.dtype) -> Int4Format | Nvfp4Format:
+    return Int4Format(dtype) if precision == "int4" else Nvfp4Format(dtype)
