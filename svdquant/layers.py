@@ -177,10 +177,17 @@ class W4A16Linear(nn.Module):
             self.register_buffer("bias", torch.empty((np_,), dtype=dtype, device=device))
         else:
             self.bias = None
+        # An optional 16-bit low-rank term (down (r, K), up (N_padded, r)) that LoRA adds at run time;
+        # not part of the checkpoint.
+        self.register_buffer("lora_down", None)
+        self.register_buffer("lora_up", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = dispatch.w4a16(self, x.reshape(-1, x.shape[-1]))
+        x2 = x.reshape(-1, x.shape[-1])
+        y = dispatch.w4a16(self, x2)
+        if self.lora_down is not None:
+            y = y + ((x2.to(self.lora_down.dtype) @ self.lora_down.T) @ self.lora_up[: self.out_features].T).to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,131 @@
+"""Checkpoint file → ComfyUI model: ComfyUI's own model class, built with SVDQuant operations.
+
+Every tensor is read once from the memory-mapped file and assigned to its module (no second copy).
+Anything wrong with the file raises a :class:`CheckpointError` naming the file and the tensor
+before the model is returned; nothing is registered with ComfyUI until loading has succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management
+import torch
+from torch import nn
+
+from ..svdquant.checkpoint import CheckpointReader
+from ..svdquant.errors import CheckpointError, SVDQuantError
+from ..svdquant.layer_io import cast_16bit
+from . import parts
+from .architecture import Architecture, all_layers
+from .flux import FluxArchitecture
+from .ops import SVDQuantOps
+from .patcher import SVDQuantModelPatcher
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES: list[Architecture] = [FluxArchitecture()]
+
+
+def register(architecture: Architecture) -> None:
+    if all(a.name != architecture.name for a in ARCHITECTURES):
+        ARCHITECTURES.append(architecture)
+
+
+def detect(reader: CheckpointReader) -> Architecture:
+    for architecture in ARCHITECTURES:
+        if architecture.detect(reader):
+            return architecture
+    model_class = reader.metadata.get("model_class")
+    known = ", ".join(a.name for a in ARCHITECTURES)
+    if model_class:
+        raise CheckpointError(reader.path, f"model_class {model_class!r} is not a model this pack loads ({known})")
+    raise CheckpointError(reader.path, f"no {known} layers found: this is not an SVDQuant checkpoint of a supported model")
+
+
+def architecture_of(diffusion_model: nn.Module) -> tuple[Architecture, dict] | None:
+    for architecture in ARCHITECTURES:
+        config = architecture.architecture_of(diffusion_model)
+        if config is not None:
+            return architecture, config
+    return None
+
+
+def resolve_dtype(choice: str, file_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if choice == "float16":
+        return torch.float16
+    if choice != "auto":
+        raise SVDQuantError(f"compute dtype {choice!r}: expected auto, bfloat16 or float16")
+    if file_dtype == torch.bfloat16 and comfy.model_management.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def build_model(architecture: Architecture, unet_config: dict, dtype: torch.dtype):
+    """An empty ComfyUI model (BaseModel) of this family whose Linears are SVDQuant operations."""
+    model_config = architecture.model_config(unet_config)
+    model_config.set_inference_dtype(dtype, None)
+    model_config.custom_operations = SVDQuantOps
+    return model_config.get_model({})
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend: str = "auto") -> SVDQuantModelPatcher:
+    """Load an SVDQuant FLUX/SDXL checkpoint (file or folder) as a ComfyUI MODEL."""
+    load_device = comfy.model_management.get_torch_device()
+    with CheckpointReader(path) as reader:
+        info = reader.quantization()
+        architecture = detect(reader)
+        unet_config = architecture.unet_config(reader)
+        layers = all_layers(architecture.blocks(unet_config))
+        file_dtype = reader.dtype(layers[0].parts[0].prefix + ".wscales") if layers else torch.bfloat16
+        if file_dtype not in (torch.bfloat16, torch.float16):
+            file_dtype = torch.bfloat16  # NVFP4 scales are fp8; the branch and bias dtype decides below
+        compute_dtype = resolve_dtype(dtype, file_dtype, load_device)
+        model = build_model(architecture, unet_config, compute_dtype)
+        diffusion_model = model.diffusion_model
+        consumed: set[str] = set()
+        for layer in layers:
+            body = parts.read_layer(reader, layer, info)
+            for leaf in parts.quantized_modules(body):
+                cast_16bit(leaf, compute_dtype)
+                leaf.kernel_backend = kernel_backend
+            op = diffusion_model.get_submodule(layer.module)
+            op.set_quantized(body)
+            consumed.update(k for p in layer.parts for k in reader.keys if k.startswith(p.prefix + "."))
+        dense = {}
+        for comfy_key, file_key in architecture.dense_key_map(unet_config).items():
+            if file_key not in reader:
+                raise CheckpointError(reader.path, f"required tensor '{file_key}' (ComfyUI '{comfy_key}') is missing")
+            tensor = architecture.convert_dense(comfy_key, reader.get(file_key), to_file=False)
+            dense[comfy_key] = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
+            consumed.add(file_key)
+        missing, unexpected = diffusion_model.load_state_dict(dense, strict=False)
+        missing = [k for k in missing if ".quantized." not in k]  # quantized bodies were set above
+        problems = sorted(set(missing) | {name for name, p in diffusion_model.named_parameters() if p.is_meta})
+        if problems or unexpected:
+            raise CheckpointError(reader.path, f"tensors do not fit ComfyUI's {architecture.name} model: "
+                                  f"missing {problems[:5]}, unexpected {unexpected[:5]}")
+        leftover = [k for k in reader.keys if k not in consumed]
+        if leftover:
+            log.warning("SVDQuant: %s: %d tensors are not used by the model (e.g. %s)", path, len(leftover),
+                        ", ".join(leftover[:3]))
+    backend_note = enable_kernels(kernel_backend)
+    log.info("SVDQuant: loaded %s (%s %s, rank %d, compute %s); %s", os.path.basename(str(path)),
+             architecture.name, info.precision, info.rank, str(compute_dtype).replace("torch.", ""), backend_note)
+    return SVDQuantModelPatcher(model, load_device, comfy.model_management.unet_offload_device())
+
+
+def enable_kernels(backend: str) -> str:
+    """Turn the fused kernels on or off for the process; returns what was chosen and why."""
+    if backend == "torch":
+        return "PyTorch reference path (chosen)"
+    try:
+        from ..kernels import enable
+    except ImportError as exc:  # the kernel package failed to import: run on the reference path
+        if backend == "cuda":
+            raise SVDQuantError(f"kernel backend 'cuda' requested, but the CUDA kernels cannot be imported ({exc})") from exc
+        return f"PyTorch reference path (kernels unavailable: {exc})"
+    return enable(backend)

@@ -1,0 +1,148 @@
+"""ComfyUI custom operations for SVDQuant models, in the idiom of ``comfy/ops.py``.
+
+ComfyUI builds its own FLUX / SDXL classes with ``operations.Linear(...)``. Ours starts as an empty
+16-bit Linear (on the meta device, so nothing is allocated before the checkpoint's tensors are
+assigned) and becomes an SVDQuant layer when the loader hands it a quantized body. Everything else
+(convolutions, norms, embeddings) is ComfyUI's own, so model patches, ControlNet, samplers and other
+packs see the model they expect.
+
+A quantized op keeps ComfyUI's contract:
+- ``weight`` is a Parameter, so LoRA key maps find ``<layer>.weight`` and the ModelPatcher routes
+  patches to it. Its value is a few bytes describing the layer; the packed tensors live in
+  ``quantized`` and count in ``state_dict`` (so the memory estimates are the true packed sizes).
+- ``comfy_cast_weights`` (low-VRAM mode) streams the packed tensors to the input's device per call.
+- LoRA patches extend the low-rank branch (see :mod:`.lora`): from ``weight_function`` when ComfyUI
+  runs the layer in low-VRAM mode, else from the patches the SVDQuant ModelPatcher assigned.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import comfy.model_patcher
+import comfy.ops
+import torch
+from torch import nn
+
+from ..svdquant.errors import SVDQuantError
+from ..svdquant.layers import W4A4Linear
+from .parts import quantized_modules
+
+log = logging.getLogger(__name__)
+
+
+def _descriptor(body: nn.Module) -> torch.Tensor:
+    leaves = [f"{type(m).__name__}({m.extra_repr()})" for m in quantized_modules(body)]
+    text = json.dumps({"format": "svdquant", "layers": leaves})
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+
+
+def _moved(module: nn.Module, device: torch.device, replace: dict[int, dict[str, torch.Tensor]]) -> nn.Module:
+    """A shallow copy of ``module`` whose buffers are on ``device`` (and replaced where ``replace``
+    says so, keyed by the id of the original leaf); the original module is untouched."""
+    clone = copy.copy(module)
+    clone._buffers = {k: (v.to(device, non_blocking=True) if v is not None else None)
+                      for k, v in module._buffers.items()}
+    clone._buffers.update({k: v.to(device, non_blocking=True) for k, v in replace.get(id(module), {}).items()})
+    clone._modules = {k: _moved(v, device, replace) for k, v in module._modules.items()}
+    return clone
+
+
+class SVDQuantOps(comfy.ops.disable_weight_init):
+    class Linear(comfy.ops.disable_weight_init.Linear):
+        def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+            nn.Module.__init__(self)
+            self.in_features, self.out_features = in_features, out_features
+            self.weight = nn.Parameter(torch.empty((out_features, in_features), device="meta", dtype=dtype),
+                                       requires_grad=False)
+            self.bias = None
+            if bias:
+                self.bias = nn.Parameter(torch.empty(out_features, device="meta", dtype=dtype), requires_grad=False)
+            self.quantized: nn.Module | None = None
+            self.lora_patches: list | None = None  # set by SVDQuantModelPatcher.patch_weight_to_device
+            self._branch_cache: tuple | None = None
+            self.lora_adapter_rank = 64
+
+        def set_quantized(self, body: nn.Module) -> None:
+            """Turn this op into an SVDQuant layer computed by ``body``."""
+            if (body.in_features, body.out_features) != (self.in_features, self.out_features):
+                raise SVDQuantError(f"quantized layer is {body.in_features}→{body.out_features}, the model's "
+                                    f"Linear is {self.in_features}→{self.out_features}")
+            self.quantized = body
+            self.weight = nn.Parameter(_descriptor(body), requires_grad=False)
+            self.bias = None
+            self.clear_lora()
+
+        def set_lora(self, patches: list | None) -> None:
+            self.lora_patches = patches
+            self._branch_cache = None
+
+        def clear_lora(self) -> None:
+            self.set_lora(None)
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            # 16-bit layers: take the loaded tensors as they are (no copy into a preallocated buffer).
+            for name in ("weight", "bias"):
+                key = prefix + name
+                if key not in state_dict:
+                    if getattr(self, name) is not None and self.quantized is None:
+                        missing_keys.append(key)
+                    continue
+                if self.quantized is not None:
+                    unexpected_keys.append(key)
+                    continue
+                value = state_dict[key]
+                current = getattr(self, name)
+                if current is None or tuple(value.shape) != tuple(current.shape):
+                    error_msgs.append(f"{key}: shape {list(value.shape)} does not fit this Linear "
+                                      f"({self.in_features}→{self.out_features})")
+                    continue
+                setattr(self, name, nn.Parameter(value.to(current.dtype), requires_grad=False))
+
+        def _active_patches(self) -> list | None:
+            for f in self.weight_function:
+                if isinstance(f, comfy.model_patcher.LowVramPatch):
+                    return f.patches[f.key]
+            if self.weight_function and not getattr(self, "_warned_wrapper", False):
+                self._warned_wrapper = True
+                log.warning("SVDQuant: a weight wrapper on a quantized layer cannot change 4-bit weights; ignored")
+            return self.lora_patches or None
+
+        def _branches(self, patches: list) -> dict[int, dict[str, torch.Tensor]]:
+            from .lora import branch_buffers  # imported late: only LoRA users need it
+
+            key = tuple(map(id, patches))
+            if self._branch_cache is None or self._branch_cache[0] != key:
+                self._branch_cache = (key, branch_buffers(self, patches))
+            return self._branch_cache[1]
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if self.quantized is None:
+                return super().forward(x, *args, **kwargs)
+            body = self.quantized
+            patches = self._active_patches()
+            replace = self._branches(patches) if patches else {}
+            if self.comfy_cast_weights or replace or _device_of(body) != x.device:
+                body = _moved(body, x.device, replace)
+            return body(x)
+
+        def extra_repr(self) -> str:
+            kind = "svdquant" if self.quantized is not None else "16-bit"
+            return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+def _device_of(body: nn.Module) -> torch.device:
+    for buffer in body.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+def quantized_ops(model: nn.Module) -> list[tuple[str, SVDQuantOps.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SVDQuantOps.Linear) and m.quantized is not None]
+
+
+def w4a4_leaves(model: nn.Module) -> list[W4A4Linear]:
+    return [m for m in model.modules() if isinstance(m, W4A4Linear)]
