@@ -30,6 +30,18 @@ class Part:
     # d·splits + s) and pre-adds 1 to the bias of the listed "scale" chunks.
     splits: int = 1
     scale_chunks: tuple[int, ...] = ()
+    # Whether the file holds a bias for this layer. If so, a Linear without one writes zeros: the
+    # ecosystem's engines allocate one and its python loaders load strictly. If not (SDXL's q/k/v),
+    # the Linear must have none.
+    has_bias: bool = True
+    # A layer the file fuses but ComfyUI keeps apart (SDXL's q/k/v): this Linear is output rows
+    # [start, start + length) of the checkpoint layer ``prefix``.
+    rows: tuple[int, int] | None = None
+
+    @property
+    def width(self) -> int:
+        """Output channels this part gives the ComfyUI Linear."""
+        return self.rows[1] if self.rows else self.out_features
 
 
 @dataclass(frozen=True)
@@ -49,8 +61,8 @@ class QuantizedLayer:
     @property
     def out_features(self) -> int:
         if self.combine == "concat":
-            return sum(p.out_features for p in self.parts)
-        return self.parts[0].out_features
+            return sum(p.width for p in self.parts)
+        return self.parts[0].width
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ assembled from the quantized layers and the source model's 16-bit tensors (share
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,7 +20,30 @@ from .ops import SVDQuantOps
 from .parts import InterleavedOutput
 
 
-def _groups(layer: QuantizedLayer) -> list[Group]:
+def _fused_targets(block: Block) -> dict[str, Target]:
+    """Linears that are row slices of one checkpoint layer (SDXL's q/k/v) → the one target that
+    quantizes their concatenated weight (one smoothing factor, one branch), keyed by each Linear."""
+    slices: dict[str, list[tuple[int, int, str]]] = {}
+    for layer in block.layers:
+        for p in layer.parts:
+            if p.rows:
+                slices.setdefault(p.prefix, []).append((*p.rows, layer.module))
+    out = {}
+    for prefix, found in slices.items():
+        found.sort()
+        ends = [start + length for start, length, _ in found]
+        if [start for start, _, _ in found] != [0] + ends[:-1]:
+            raise SVDQuantError(f"'{prefix}': the model's Linears do not cover this checkpoint layer's rows once each")
+        modules = [module for _, _, module in found]
+        target = Target(prefix, modules[0], fused=tuple(modules[1:]))
+        out.update({module: target for module in modules})
+    return out
+
+
+def _groups(layer: QuantizedLayer, fused: dict[str, Target]) -> list[Group]:
+    if layer.module in fused:
+        p = layer.parts[0]
+        return [Group(p.kind, (fused[layer.module],), act_unsigned=p.act_unsigned)]
     if layer.combine == "concat":
         targets, offset = [], 0
         for p in layer.parts:
@@ -36,11 +61,14 @@ def _groups(layer: QuantizedLayer) -> list[Group]:
     return [Group(p.kind, (Target(p.prefix, layer.module, interleave=p.splits),), act_unsigned=p.act_unsigned)]
 
 
-def plan(architecture: Architecture, unet_config: dict) -> list[BlockPlan]:
-    """The quantizer's block plan: layers that read one input form one group (one smoothing factor)."""
+def plan(architecture: Architecture, unet_config: dict, keep: frozenset[str] = frozenset()) -> list[BlockPlan]:
+    """The quantizer's block plan: layers that read one input form one group (one smoothing factor).
+    The Linears in ``keep`` (ComfyUI module paths) stay 16-bit and are left out."""
     out = []
     for block in architecture.blocks(unet_config):
-        groups = {layer.module: _groups(layer) for layer in block.layers}
+        block = dataclasses.replace(block, layers=tuple(layer for layer in block.layers if layer.module not in keep))
+        fused = _fused_targets(block)
+        groups = {layer.module: _groups(layer, fused) for layer in block.layers}
         merged: list[Group] = []
         shared = {m: names for names in block.shared_inputs for m in names}
         seen: set[str] = set()
@@ -52,10 +80,12 @@ def plan(architecture: Architecture, unet_config: dict) -> list[BlockPlan]:
             if len(names) == 1:
                 merged += groups[layer.module]
             else:  # separate Linears reading one input: one group, one smoothing factor
+                names = [n for n in names if n in groups]
                 first = groups[names[0]][0]
-                targets = tuple(t for n in names for g in groups[n] for t in g.targets)
+                targets = tuple(dict.fromkeys(t for n in names for g in groups[n] for t in g.targets))
                 merged.append(Group(first.kind, targets, act_unsigned=first.act_unsigned))
-        out.append(BlockPlan(block.module, tuple(merged)))
+        if merged:
+            out.append(BlockPlan(block.module, tuple(merged)))
     return out
 
 
@@ -63,15 +93,19 @@ def body_from_parts(layer: QuantizedLayer, modules: dict[str, nn.Module]) -> nn.
     leaves = []
     for p in layer.parts:
         module = modules[p.prefix]
+        if p.rows:
+            module = parts.slice_rows(module, *p.rows)
         if p.kind == "w4a16":
             parts.make_storable(module, p)
         leaves.append(InterleavedOutput(module, p.splits) if p.splits > 1 else module)
     return parts.combine(layer, leaves)
 
 
-def assemble(source_model, modules: dict[str, nn.Module], dtype: torch.dtype | None = None):
+def assemble(source_model, modules: dict[str, nn.Module], dtype: torch.dtype | None = None,
+             keep: frozenset[str] = frozenset(), tensor_of: Callable[[str], torch.Tensor] | None = None):
     """A new ComfyUI model (BaseModel) of ``source_model``'s family with ``modules`` as its quantized
-    layers and every other tensor shared with ``source_model``."""
+    layers and every other tensor shared with ``source_model``: the Linears in ``keep`` stay 16-bit.
+    ``tensor_of(key)`` gives a 16-bit tensor's value (default: the source's parameter)."""
     found = architecture_of(source_model.diffusion_model)
     if found is None:
         raise SVDQuantError(f"{type(source_model.diffusion_model).__name__} is not FLUX or SDXL")
@@ -85,13 +119,19 @@ def assemble(source_model, modules: dict[str, nn.Module], dtype: torch.dtype | N
     model_config.custom_operations = SVDQuantOps
     model_config.set_inference_dtype(dtype, None)
     model = type(source_model)(model_config, model_type=source_model.model_type)
+    kept = []
     for layer in all_layers(architecture.blocks(unet_config)):
+        if layer.module in keep:
+            op = model.diffusion_model.get_submodule(layer.module)
+            kept += [f"{layer.module}.{name}" for name in ("weight", "bias") if getattr(op, name, None) is not None]
+            continue
         body = body_from_parts(layer, modules)
         for leaf in parts.quantized_modules(body):
             cast_16bit(leaf, dtype)
         model.diffusion_model.get_submodule(layer.module).set_quantized(body)
     source = source_model.diffusion_model
-    dense = {k: source.get_parameter(k).detach().to(dtype) for k in architecture.dense_key_map(unet_config)}
+    tensor_of = tensor_of or (lambda key: source.get_parameter(key).detach())
+    dense = {k: tensor_of(k).to(dtype) for k in [*architecture.dense_key_map(unet_config), *kept]}
     model.diffusion_model.load_state_dict(dense, strict=False)
     left = [n for n, p in model.diffusion_model.named_parameters() if p.is_meta]
     if left:

@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import comfy.model_management
 import torch
 from torch import nn
 
+from ..kernels import enable as enable_kernels
 from ..svdquant.checkpoint import CheckpointReader
 from ..svdquant.errors import CheckpointError, SVDQuantError
 from ..svdquant.layer_io import cast_16bit
-from . import parts
+from . import dense_layers, parts
 from .architecture import Architecture, all_layers
 from .flux import FluxArchitecture
 from .ops import SVDQuantOps
 from .patcher import SVDQuantModelPatcher
+from .sdxl import SDXLArchitecture
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES: list[Architecture] = [FluxArchitecture()]
+ARCHITECTURES: list[Architecture] = [FluxArchitecture(), FluxArchitecture("python"), SDXLArchitecture()]
 
 
 def register(architecture: Architecture) -> None:
@@ -38,7 +41,7 @@ def detect(reader: CheckpointReader) -> Architecture:
         if architecture.detect(reader):
             return architecture
     model_class = reader.metadata.get("model_class")
-    known = ", ".join(a.name for a in ARCHITECTURES)
+    known = ", ".join(dict.fromkeys(a.name for a in ARCHITECTURES))
     if model_class:
         raise CheckpointError(reader.path, f"model_class {model_class!r} is not a model this pack loads ({known})")
     raise CheckpointError(reader.path, f"no {known} layers found: this is not an SVDQuant checkpoint of a supported model")
@@ -72,22 +75,36 @@ def build_model(architecture: Architecture, unet_config: dict, dtype: torch.dtyp
     return model_config.get_model({})
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend: str = "auto") -> SVDQuantModelPatcher:
-    """Load an SVDQuant FLUX/SDXL checkpoint (file or folder) as a ComfyUI MODEL."""
+def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend: str = "auto",
+                    progress: Callable[[int, int], None] | None = None) -> SVDQuantModelPatcher:
+    """Load an SVDQuant FLUX/SDXL checkpoint (file or folder) as a ComfyUI MODEL.
+
+    ``progress(done, total)`` is called after each quantized layer is read."""
+    enable_kernels(kernel_backend)  # first, so that a 'cuda' request that cannot be met fails before any reading
     load_device = comfy.model_management.get_torch_device()
     with CheckpointReader(path) as reader:
         info = reader.quantization()
         architecture = detect(reader)
         unet_config = architecture.unet_config(reader)
         layers = all_layers(architecture.blocks(unet_config))
-        file_dtype = reader.dtype(layers[0].parts[0].prefix + ".wscales") if layers else torch.bfloat16
+        kept = {layer.module: dense_layers.read_dense(reader, layer) for layer in layers}
+        quantized = [layer for layer in layers if kept[layer.module] is None]
+        file_dtype = reader.dtype(quantized[0].parts[0].prefix + ".wscales") if quantized else torch.bfloat16
         if file_dtype not in (torch.bfloat16, torch.float16):
             file_dtype = torch.bfloat16  # NVFP4 scales are fp8; the branch and bias dtype decides below
         compute_dtype = resolve_dtype(dtype, file_dtype, load_device)
         model = build_model(architecture, unet_config, compute_dtype)
         diffusion_model = model.diffusion_model
         consumed: set[str] = set()
-        for layer in layers:
+        dense = {}
+        for index, layer in enumerate(layers):
+            if kept[layer.module] is not None:  # a layer the file keeps 16-bit (see :mod:`.dense_layers`)
+                weight, bias = kept[layer.module]
+                dense[f"{layer.module}.weight"] = weight.to(compute_dtype)
+                if bias is not None:
+                    dense[f"{layer.module}.bias"] = bias.to(compute_dtype)
+                consumed.update(dense_layers.stored_keys(layer))
+                continue
             body = parts.read_layer(reader, layer, info)
             for leaf in parts.quantized_modules(body):
                 cast_16bit(leaf, compute_dtype)
@@ -95,7 +112,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend
             op = diffusion_model.get_submodule(layer.module)
             op.set_quantized(body)
             consumed.update(k for p in layer.parts for k in reader.keys if k.startswith(p.prefix + "."))
-        dense = {}
+            if progress:
+                progress(index + 1, len(layers))
         for comfy_key, file_key in architecture.dense_key_map(unet_config).items():
             if file_key not in reader:
                 raise CheckpointError(reader.path, f"required tensor '{file_key}' (ComfyUI '{comfy_key}') is missing")
@@ -112,20 +130,6 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend
         if leftover:
             log.warning("SVDQuant: %s: %d tensors are not used by the model (e.g. %s)", path, len(leftover),
                         ", ".join(leftover[:3]))
-    backend_note = enable_kernels(kernel_backend)
-    log.info("SVDQuant: loaded %s (%s %s, rank %d, compute %s); %s", os.path.basename(str(path)),
-             architecture.name, info.precision, info.rank, str(compute_dtype).replace("torch.", ""), backend_note)
+    log.info("SVDQuant: loaded %s (%s %s, rank %d, compute %s)", os.path.basename(str(path)),
+             architecture.name, info.precision, info.rank, str(compute_dtype).replace("torch.", ""))
     return SVDQuantModelPatcher(model, load_device, comfy.model_management.unet_offload_device())
-
-
-def enable_kernels(backend: str) -> str:
-    """Turn the fused kernels on or off for the process; returns what was chosen and why."""
-    if backend == "torch":
-        return "PyTorch reference path (chosen)"
-    try:
-        from ..kernels import enable
-    except ImportError as exc:  # the kernel package failed to import: run on the reference path
-        if backend == "cuda":
-            raise SVDQuantError(f"kernel backend 'cuda' requested, but the CUDA kernels cannot be imported ({exc})") from exc
-        return f"PyTorch reference path (kernels unavailable: {exc})"
-    return enable(backend)

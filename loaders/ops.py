@@ -114,10 +114,13 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
         def _branches(self, patches: list) -> dict[int, dict[str, torch.Tensor]]:
             from .lora import branch_buffers  # imported late: only LoRA users need it
 
-            key = tuple(map(id, patches))
-            if self._branch_cache is None or self._branch_cache[0] != key:
-                self._branch_cache = (key, branch_buffers(self, patches))
-            return self._branch_cache[1]
+            # Keyed by the patch tuples themselves (held, so a freed tuple's id cannot be reused by a
+            # new patch) and the adapter rank; dropped with the patches by set_lora / unpatch.
+            cached = self._branch_cache
+            if (cached is None or cached[1] != self.lora_adapter_rank or len(cached[0]) != len(patches)
+                    or any(a is not b for a, b in zip(cached[0], patches, strict=True))):
+                self._branch_cache = (tuple(patches), self.lora_adapter_rank, branch_buffers(self, patches))
+            return self._branch_cache[2]
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if self.quantized is None:

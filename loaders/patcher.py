@@ -14,6 +14,7 @@ import collections
 import comfy.model_patcher
 import comfy.utils
 
+from .lora import ADAPTER_RANK_OPTION, DEFAULT_ADAPTER_RANK
 from .ops import SVDQuantOps, quantized_ops
 
 _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])
@@ -31,6 +32,13 @@ def _quantized_op(model, key: str) -> SVDQuantOps.Linear | None:
 
 
 class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
+    def load(self, *args, **kwargs):
+        # The layers are shared by every clone: the adapter rank of the clone being loaded wins.
+        rank = self.model_options.get(ADAPTER_RANK_OPTION, DEFAULT_ADAPTER_RANK)
+        for _, op in quantized_ops(self.model):
+            op.lora_adapter_rank = rank
+        return super().load(*args, **kwargs)
+
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
         op = _quantized_op(self.model, key)
         if op is None:

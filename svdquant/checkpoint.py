@@ -13,9 +13,9 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -59,7 +59,7 @@ class QuantizationInfo:
         return json.dumps({"method": "svdquant", "weight": weight, "activation": activation, "rank": self.rank})
 
     @classmethod
-    def from_json(cls, path: object, text: str) -> "QuantizationInfo":
+    def from_json(cls, path: object, text: str) -> QuantizationInfo:
         try:
             config = json.loads(text)
             dtype = config["weight"]["dtype"]
@@ -84,10 +84,12 @@ class QuantizationInfo:
 
 def _sniff(path: Path) -> None:
     """Refuse the files that are not safetensors with a message that says what they are."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= path.stat().st_size - 8:
-        return
+        if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+            _check_length(path, size, struct.unpack("<Q", head[:8])[0], b"{" + f.read(struct.unpack("<Q", head[:8])[0] - 1))
+            return
     if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise CheckpointError(
             path, "this is a pickle-based PyTorch checkpoint (.ckpt/.pt/.bin); SVDQuant loads only "
@@ -95,6 +97,19 @@ def _sniff(path: Path) -> None:
     if head.startswith(b"GGUF"):
         raise CheckpointError(path, "this is a GGUF file; load it with a GGUF loader, not the SVDQuant loader")
     raise CheckpointError(path, "the file is truncated or not a .safetensors file (its header does not fit)")
+
+
+def _check_length(path: Path, size: int, header_length: int, header: bytes) -> None:
+    """A download cut short keeps a valid header; say so with the byte counts."""
+    try:
+        entries = json.loads(header)
+        end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise CheckpointError(path, "the .safetensors header is not valid JSON (the file is corrupt)") from None
+    expected = 8 + header_length + end
+    if size < expected:
+        raise CheckpointError(path, f"the file is truncated: its header describes {expected} bytes but only {size} "
+                              "are present (an interrupted download or copy?)")
 
 
 class CheckpointReader:
@@ -142,7 +157,7 @@ class CheckpointReader:
             info = QuantizationInfo("nvfp4" if fp4 else "int4", ranks[0] if ranks else 0)
             self.metadata["quantization_config"] = info.to_json()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

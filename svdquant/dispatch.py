@@ -8,12 +8,12 @@ path runs. Layers whose ``kernel_backend`` is ``"torch"`` never reach a kernel.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-Kernel = Callable[[nn.Module, torch.Tensor], Optional[torch.Tensor]]
+Kernel = Callable[[nn.Module, torch.Tensor], torch.Tensor | None]
 
 _kernels: dict[str, Kernel] = {}
 

@@ -226,7 +226,7 @@ class ConcatLinear(nn.Module):
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         dense = [p.to_dense() for p in self.parts]
-        biases = [b if b is not None else torch.zeros(w.shape[0]) for w, b in dense]
+        biases = [b if b is not None else torch.zeros(w.shape[0], device=w.device) for w, b in dense]
         return torch.cat([w for w, _ in dense]), torch.cat(biases)
 
 

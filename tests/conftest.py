@@ -1,17 +1,89 @@
-"""Load the pack the way ComfyUI does: the repository folder imported as a package (here under the
-fixed name ``comfyui_svdquant``), so every test shares one copy of each module."""
+"""Shared test setup.
+
+The pack is loaded the way ComfyUI loads it: the repository folder imported as a package (here under
+the fixed name ``comfyui_svdquant``), so every test shares one copy of each module. Tests that need
+ComfyUI use the ``comfy`` fixture: it finds ComfyUI through ``COMFYUI_PATH`` (or the pack sitting in
+``ComfyUI/custom_nodes/``) and skips, saying so, when there is none.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "comfyui_svdquant"
+sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (tiny_models, ...)
 
 if PACKAGE not in sys.modules:
     spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = module
     spec.loader.exec_module(module)
+
+
+def comfyui_root() -> Path | None:
+    candidates = [Path(os.environ["COMFYUI_PATH"])] if os.environ.get("COMFYUI_PATH") else []
+    candidates.append(ROOT.parent.parent)  # ComfyUI/custom_nodes/<this pack>
+    for candidate in candidates:
+        if (candidate / "comfy" / "model_management.py").exists() and (candidate / "nodes.py").exists():
+            return candidate.resolve()
+    return None
+
+
+SKIP_NO_COMFY = ("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (README, 'Running the tests') "
+                 "to run the integration tests")
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI imported in-process on the CPU, with its built-in and this pack's nodes registered."""
+    root = comfyui_root()
+    if root is None:
+        pytest.skip(SKIP_NO_COMFY)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+    import nodes
+
+    if "KSampler" in nodes.NODE_CLASS_MAPPINGS and "FluxGuidance" not in nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    register_pack_nodes(nodes)
+    return root
+
+
+def register_pack_nodes(nodes_module) -> None:
+    """What ComfyUI's custom-node loader does with a V3 extension, for the pack loaded above."""
+    pack = sys.modules[PACKAGE]
+    extension = asyncio.run(pack.comfy_entrypoint())
+    for node_cls in asyncio.run(extension.get_node_list()):
+        schema = node_cls.GET_SCHEMA()
+        nodes_module.NODE_CLASS_MAPPINGS[schema.node_id] = node_cls
+        node_cls.RELATIVE_PYTHON_MODULE = f"custom_nodes.{PACKAGE}"
+        if schema.display_name is not None:
+            nodes_module.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name
+
+
+@pytest.fixture
+def model_folders(comfy, tmp_path):
+    """Fresh diffusion_models / loras folders for one test, registered with ComfyUI's folder_paths."""
+    import folder_paths
+
+    saved = {name: folder_paths.folder_names_and_paths[name] for name in ("diffusion_models", "loras")}
+    folders = {}
+    for name, (_, extensions) in saved.items():
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        folder_paths.folder_names_and_paths[name] = ([str(folders[name])], extensions)
+    folder_paths.filename_list_cache.clear()
+    yield folders
+    folder_paths.folder_names_and_paths.update(saved)
+    folder_paths.filename_list_cache.clear()

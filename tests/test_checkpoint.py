@@ -106,8 +106,8 @@ def test_corrupt_and_foreign_files(tmp_path):
 
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated.safetensors"):
-        CheckpointReader(truncated).get("blocks.0.qkv.qweight")
+    with pytest.raises(CheckpointError, match="truncated.safetensors: the file is truncated: its header describes"):
+        CheckpointReader(truncated)
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(os.urandom(1000))

@@ -5,7 +5,7 @@ import torch
 
 from comfyui_svdquant.svdquant import int4, nvfp4, packing
 from comfyui_svdquant.svdquant.errors import ConfigError
-from comfyui_svdquant.svdquant.layers import ConcatLinear, SplitInputLinear, W4A4Linear, W4A16Linear
+from comfyui_svdquant.svdquant.layers import ConcatLinear, SplitInputLinear, W4A4Linear
 from comfyui_svdquant.svdquant.quantizer import InputStats, QuantizeConfig, quantize_linears, quantize_w4a16
 
 
@@ -52,25 +52,29 @@ def float64_forward(layer, x):
         row = packing.unpack_vector(layer.wcscales).double() * layer.wtscale.double()
         w = w * packing.unpack_fp8_scales(layer.wscales).double().repeat_interleave(16, 1) * row.unsqueeze(1)
     y = a @ w.T
+    slack = torch.zeros_like(y)
     if layer.rank:
         down, up = packing.unpack_down(layer.proj_down), packing.unpack_up(layer.proj_up)
         act = (xp.to(down.dtype).double() @ down.double().T).to(up.dtype)
         y += act.double() @ up.double().T
+        # the branch activation is rounded to 16 bits once; an fp32 and an fp64 sum may land on
+        # either side of a rounding boundary, one unit in the last place apart
+        slack = torch.finfo(up.dtype).eps * (act.double().abs() @ up.double().abs().T)
     y += packing.unpack_vector(layer.bias).double()
-    return y[:, : layer.out_features]
+    return y[:, : layer.out_features], slack[:, : layer.out_features]
 
 
 @pytest.mark.parametrize("precision,unsigned", [("int4", False), ("int4", True), ("nvfp4", False)])
 @pytest.mark.parametrize("k,n,rank", [(256, 384, 32), (200, 100, 16), (128, 128, 0)])
 def test_reference_matches_float64(precision, unsigned, k, n, rank):
     layer = random_w4a4(k, n, rank, precision, unsigned)
-    x = torch.randn(37, k)
+    x = torch.randn(37, k, generator=torch.Generator().manual_seed(k + n + rank))
     if unsigned:
         x = torch.nn.functional.gelu(x, approximate="tanh")
     y = layer(x)  # fp32 input → fp32 output: only float rounding separates the two
-    ref = float64_forward(layer, x)
+    ref, slack = float64_forward(layer, x)
     assert y.dtype == torch.float32 and y.shape == (37, n)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert ((y.double() - ref).abs() <= 1e-5 * ref.abs().max() + slack).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -4,7 +4,7 @@ the channels not yet rounded, weighted by the inverse Hessian of the layer's inp
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -15,14 +15,18 @@ RoundFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor | None:
     """Upper Cholesky factor of H⁻¹ after damping, or None if H stays indefinite."""
-    h = hessian.double()
-    mean_diag = h.diagonal().mean().clamp_min(1e-12)
+    mean_diag = hessian.diagonal().double().mean().clamp_min(1e-12)
     for attempt in range(4):
-        damped = h + (damp * 10**attempt) * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        # At most two K×K float64 matrices alive at a time: K is 12288 for FLUX.1's MLP down projections.
+        damped = hessian.to(torch.float64, copy=True)
+        damped.diagonal().add_((damp * 10**attempt) * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 return upper.float()
     return None
@@ -47,6 +51,7 @@ def gptq(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     upper = _inverse_hessian_factor(h, damp)
+    del h
     if upper is None:
         log.warning("GPTQ: the calibration Hessian is not positive definite; keeping round-to-nearest")
         return None

@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ class QuantizeConfig:
     smooth_grid: tuple[float, ...] = smoothing.DEFAULT_GRID
     gptq: bool = False
     svd_rounds: int = 10  # most rounds of the alternating low-rank fit (it stops earlier when stuck)
-    search_rows: int = 128  # calibration rows the smoothing search scores candidates on
+    search_rows: int = 512  # calibration rows the smoothing search scores candidates on (all, by default)
     dtype: torch.dtype = torch.bfloat16  # storage dtype of every 16-bit tensor
 
     def __post_init__(self) -> None:
@@ -51,7 +51,7 @@ class QuantizeConfig:
         if self.svd_rounds < 1 or self.search_rows < 1:
             raise ConfigError("svd_rounds and search_rows must be at least 1")
 
-    def replace(self, **changes: object) -> "QuantizeConfig":
+    def replace(self, **changes: object) -> QuantizeConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -86,6 +86,15 @@ class QuantizedLinear:
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     if not torch.isfinite(tensor).all():
         raise ConfigError(f"{name}: the weight contains NaN or Inf; this layer cannot be quantized")
+
+
+def check_rank_fits(name: str, out_features: int, in_features: int, rank: int) -> None:
+    """The low-rank branch of an N×K layer has at most min(N, K) directions."""
+    if rank > min(out_features, in_features):
+        raise ConfigError(
+            f"{name}: rank = {rank} is larger than this {in_features}→{out_features} layer allows "
+            f"(at most {min(out_features, in_features) // 16 * 16})"
+        )
 
 
 @dataclass
@@ -224,11 +233,7 @@ def quantize_linears(
         if weight.ndim != 2 or weight.shape[1] != k:
             raise ConfigError(f"{name}: weight shape {tuple(weight.shape)} does not read {k} input channels")
         check_finite(name, weight)
-        if config.rank > min(weight.shape):
-            raise ConfigError(
-                f"{name}: rank = {config.rank} is larger than this {weight.shape[1]}→{weight.shape[0]} "
-                f"layer allows (at most {min(weight.shape) // 16 * 16})"
-            )
+        check_rank_fits(name, weight.shape[0], weight.shape[1], config.rank)
         w = packing.pad_to(weight.to(device, torch.float32), (weight.shape[0], kp))
         target = rows @ w.T
         if bias is not None:

@@ -10,14 +10,14 @@ authors' recipe, and the quantized layers are returned for the caller to install
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import CalibrationError
-from .linear import QuantizeConfig, QuantizedLinear, quantize_linears, quantize_w4a16
+from .linear import QuantizeConfig, QuantizedLinear, check_rank_fits, quantize_linears, quantize_w4a16
 from .stats import InputStats, record_inputs
 
 
@@ -31,6 +31,9 @@ class Target:
     # >1: the checkpoint stores the outputs interleaved (channel s·D + d at d·interleave + s), so the
     # rows are quantized in that stored order
     interleave: int = 1
+    # further Linears reading the same input whose outputs continue ``module``'s: the checkpoint fuses
+    # them into this one layer (SDXL's q/k/v), quantized as their concatenated weight
+    fused: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,15 @@ class BlockPlan:
     groups: tuple[Group, ...]
 
 
+# The weight and bias a Linear computes with. The default reads its parameters; a caller whose layers
+# store something else (ComfyUI's fp8 with a scale, LoRA patches applied at run time) passes its own.
+WeightOf = Callable[[nn.Module], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+def parameters_of(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return linear.weight, linear.bias
+
+
 class _StopCalibration(Exception):
     pass
 
@@ -65,9 +77,9 @@ def _stop_after(module: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def _weight(model: nn.Module, target: Target, columns: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    linear = model.get_submodule(target.module)
-    weight, bias = linear.weight, linear.bias
+def _weight(model: nn.Module, target: Target, columns: tuple[int, int] | None, weight_of: WeightOf
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight, bias = _fused_weight(model, target, weight_of)
     if target.rows is not None:
         weight = weight.narrow(0, *target.rows)
         bias = bias.narrow(0, *target.rows) if bias is not None else None
@@ -83,6 +95,16 @@ def _weight(model: nn.Module, target: Target, columns: tuple[int, int] | None) -
     return weight.detach(), None if bias is None else bias.detach()
 
 
+def _fused_weight(model: nn.Module, target: Target, weight_of: WeightOf) -> tuple[torch.Tensor, torch.Tensor | None]:
+    pairs = [weight_of(model.get_submodule(m)) for m in (target.module, *target.fused)]
+    if len(pairs) == 1:
+        return pairs[0]
+    weight = torch.cat([w for w, _ in pairs])
+    if all(b is None for _, b in pairs):
+        return weight, None
+    return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs])
+
+
 def quantize_blocks(
     model: nn.Module,
     blocks: Sequence[BlockPlan],
@@ -91,11 +113,14 @@ def quantize_blocks(
     max_rows: int = 512,
     device: torch.device | str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    weight_of: WeightOf = parameters_of,
 ) -> tuple[dict[str, nn.Module], list[QuantizedLinear]]:
     """Quantize every group of ``blocks``. ``calls`` are the calibration forwards (each runs the model
-    once); ``progress(layer, done, total)`` is called after each layer and may raise to cancel.
+    once); ``progress(layer, done, total)`` is called after each layer and may raise to cancel;
+    ``weight_of(linear)`` gives the dense weight and bias a Linear computes with.
 
     Returns the quantized modules by target name and the per-layer reports."""
+    check_ranks(model, blocks, config.rank)
     total = sum(len(g.targets) for b in blocks for g in b.groups)
     done = 0
     modules: dict[str, nn.Module] = {}
@@ -106,7 +131,7 @@ def quantize_blocks(
         for group in block.groups:
             if group.kind == "w4a16":
                 for target in group.targets:
-                    weight, bias = _weight(model, target, None)
+                    weight, bias = _weight(model, target, None, weight_of)
                     modules[target.name] = quantize_w4a16(target.name, weight.to(device), bias, config.dtype)
                     done += 1
                     if progress:
@@ -115,7 +140,7 @@ def quantize_blocks(
             source = stats[group.targets[0].module]
             if group.columns is not None:
                 source = source.narrow(*group.columns, name=f"{group.targets[0].name} (input)")
-            layers = [(t.name, *_weight(model, t, group.columns)) for t in group.targets]
+            layers = [(t.name, *_weight(model, t, group.columns, weight_of)) for t in group.targets]
             for result in quantize_linears(layers, source, config, group.act_unsigned, device):
                 modules[result.name] = result.module()
                 reports.append(result)
@@ -124,6 +149,19 @@ def quantize_blocks(
                     progress(result.name, done, total)
         del stats
     return modules, reports
+
+
+def check_ranks(model: nn.Module, blocks: Sequence[BlockPlan], rank: int) -> None:
+    """Refuse a rank some W4A4 layer of the plan cannot hold, before any calibration work."""
+    for block in blocks:
+        for group in block.groups:
+            if group.kind != "w4a4":
+                continue
+            for target in group.targets:
+                linears = [model.get_submodule(m) for m in (target.module, *target.fused)]
+                out_features = target.rows[1] if target.rows is not None else sum(m.out_features for m in linears)
+                in_features = group.columns[1] if group.columns is not None else linears[0].in_features
+                check_rank_fits(target.name, out_features, in_features, rank)
 
 
 def _calibrate(model: nn.Module, block: BlockPlan, sources: set[str], calls: Sequence[Callable[[], object]],

@@ -1,0 +1,175 @@
+"""Speed of the fused SVDQuant kernels per layer shape, on this machine's GPU.
+
+For every FLUX.1 and SDXL linear shape, the time and effective TOPS (2·M·N·K / time) of
+  fused      the W4A4 layer on the CUDA kernels (quantize + branch-down, 4-bit GEMM + branch-up + bias)
+  16-bit     torch F.linear with a dense 16-bit weight of the same shape (bf16 or fp16, as --dtype)
+  reference  the layer's PyTorch reference path (what runs without the kernels)
+  w4a16      a weight-only baseline: unpack the 4-bit weight to 16 bits with torch ops, then F.linear
+and the relative error of the fused output against the reference path. Then the AdaLN modulation
+GEMV (W4A16, M = batch) against F.linear and the reference path. Prints markdown tables with the
+device, the date and the versions. Weights are random (speed does not depend on their values).
+
+    python benchmarks/kernels.py                                   # INT4, bf16, FLUX and SDXL
+    python benchmarks/kernels.py --precision nvfp4 --dtype float16 --shapes flux
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from install import load_pack  # noqa: E402  (the pack imported as a package, as ComfyUI does)
+
+pack = load_pack()
+layers = importlib.import_module(f"{pack.__name__}.svdquant.layers")
+kernels = importlib.import_module(f"{pack.__name__}.kernels")
+
+# (name, K, N, M): FLUX.1 at 1024² (4096 image + 512 text tokens), SDXL at 1024² (4096 / 1024 tokens).
+FLUX = [("double qkv", 3072, 9216, 4096), ("double qkv (text)", 3072, 9216, 512), ("double proj", 3072, 3072, 4096),
+        ("double mlp fc1", 3072, 12288, 4096), ("double mlp fc2", 12288, 3072, 4096),
+        ("single linear1", 3072, 21504, 4608), ("single linear2", 15360, 3072, 4608)]
+SDXL = [("attn 640", 640, 640, 4096), ("ff in 640", 640, 5120, 4096), ("ff out 640", 2560, 640, 4096),
+        ("cross k/v 640", 2048, 640, 77), ("attn 1280", 1280, 1280, 1024), ("ff in 1280", 1280, 10240, 1024),
+        ("ff out 1280", 5120, 1280, 1024), ("cross k/v 1280", 2048, 1280, 77)]
+MODULATION = [("double modulation", 3072, 18432), ("single modulation", 3072, 9216)]
+
+
+def random_w4a4(k: int, n: int, rank: int, precision: str, dtype: torch.dtype, device: torch.device):
+    """A W4A4 layer whose buffers hold random bytes of a plausible range."""
+    layer = layers.W4A4Linear(k, n, rank, precision, act_unsigned=False, dtype=dtype, device=device)
+    layer.qweight.random_(-128, 128)
+    if precision == "int4":
+        layer.wscales.uniform_(0.001, 0.02)
+    else:
+        layer.wscales.copy_(torch.empty(layer.wscales.shape, device=device).uniform_(1, 400).to(torch.float8_e4m3fn))
+        layer.wcscales.uniform_(0.5, 1.5)
+        layer.wtscale.fill_(3e-5)
+    layer.smooth_factor.uniform_(0.5, 1.5)
+    layer.proj_down.normal_(0, 0.05)
+    layer.proj_up.normal_(0, 0.05)
+    layer.bias.normal_()
+    return layer
+
+
+def random_w4a16(k: int, n: int, dtype: torch.dtype, device: torch.device):
+    layer = layers.W4A16Linear(k, n, dtype=dtype, device=device)
+    layer.qweight.random_(-(2**31), 2**31 - 1)
+    layer.wscales.uniform_(0.001, 0.01)
+    layer.wzeros.copy_(-7.5 * layer.wscales)
+    layer.bias.normal_()
+    return layer
+
+
+def dequantize_then_matmul(packed: torch.Tensor, scales: torch.Tensor):
+    """The weight-only baseline: 4-bit codes (N, K/2 bytes) and 16-bit scales (N, K/64) → F.linear."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(n, k // 64, 64).to(x.dtype) - 8
+        return F.linear(x, (nibbles * scales.unsqueeze(-1)).view(n, k))
+
+    return run
+
+
+def milliseconds(fn, iters: int) -> float:
+    """Median of ``iters`` CUDA-event timings after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def tops(flops: float, ms: float) -> str:
+    return f"{flops / ms / 1e9:.0f}"
+
+
+def w4a4_row(name: str, k: int, n: int, m: int, precision: str, dtype: torch.dtype, rank: int, iters: int,
+             device) -> str:
+    layer = random_w4a4(k, n, rank, precision, dtype, device)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    dense = torch.randn(n, k, device=device, dtype=dtype) * 0.02
+    baseline = dequantize_then_matmul(torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8),
+                                      torch.rand(n, k // 64, device=device, dtype=dtype) * 0.02)
+    flops = 2.0 * m * n * k
+    fused = milliseconds(lambda: layer(x), iters)
+    sixteen = milliseconds(lambda: F.linear(x, dense), iters)
+    reference = milliseconds(lambda: layer.reference_forward(x), max(3, iters // 10))
+    w4a16 = milliseconds(lambda: baseline(x), iters)
+    ref = layer.reference_forward(x).double()
+    error = float((layer(x).double() - ref).norm() / ref.norm())
+    return (f"| {name} | {m} | {k} | {n} | {fused:.3f} | {tops(flops, fused)} | {sixteen:.3f} | {tops(flops, sixteen)} "
+            f"| {sixteen / fused:.2f}x | {reference:.2f} | {w4a16:.3f} | {error:.1e} |")
+
+
+def w4a16_row(name: str, layer, dense: torch.Tensor, m: int, iters: int) -> str:
+    n, k = dense.shape
+    x = torch.randn(m, k, device=dense.device, dtype=dense.dtype)
+    fused = milliseconds(lambda: layer(x), iters)
+    sixteen = milliseconds(lambda: F.linear(x, dense), iters)
+    reference = milliseconds(lambda: layer.reference_forward(x), max(3, iters // 10))
+    ref = layer.reference_forward(x).double()
+    error = float((layer(x).double() - ref).norm() / ref.norm())
+    weight_bytes = n * k / 2 + 4 * n * k / 64  # codes + 16-bit scales and zeros
+    return (f"| {name} | {m} | {k} | {n} | {fused * 1e3:.1f} | {weight_bytes / fused / 1e6:.0f} "
+            f"| {sixteen * 1e3:.1f} | {reference * 1e3:.0f} | {error:.1e} |")
+
+
+def bench(shapes, precision: str, dtype: torch.dtype, rank: int, iters: int, device) -> None:
+    dtype_name = str(dtype).replace("torch.", "")
+    print(f"\n### W4A4 {precision}, rank {rank}, {dtype_name}\n")
+    print("| layer | M | K | N | fused ms | fused TOPS | 16-bit ms | 16-bit TFLOPS | speed-up | reference ms "
+          "| W4A16 ms | rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, k, n, m in shapes:
+        print(w4a4_row(name, k, n, m, precision, dtype, rank, iters, device), flush=True)
+        torch.cuda.empty_cache()
+    print(f"\n### W4A16 modulation GEMV, {dtype_name}\n")
+    print("| layer | M | K | N | fused µs | fused GB/s (weights) | 16-bit µs | reference µs | rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, k, n in MODULATION:
+        layer, dense = random_w4a16(k, n, dtype, device), torch.randn(n, k, device=device, dtype=dtype) * 0.02
+        for m in (1, 2):
+            print(w4a16_row(name, layer, dense, m, iters), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--precision", choices=["int4", "nvfp4"], default="int4")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--shapes", choices=["flux", "sdxl", "all"], default="all")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA GPU: this benchmark times the CUDA kernels")
+    device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, args.dtype)
+    choice = kernels.enable("cuda")  # fails, saying why, if the kernels cannot run here
+    props = torch.cuda.get_device_properties(device)
+    print(f"## SVDQuant kernels on {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)")
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · torch {torch.__version__} "
+          f"(CUDA {torch.version.cuda}) · {choice}")
+    print("TOPS = 2·M·N·K / time (the low-rank branch's extra work is not counted); W4A16 = torch-op dequantize "
+          "+ F.linear (a fused weight-only kernel would be faster).")
+    shapes = {"flux": FLUX, "sdxl": SDXL, "all": FLUX + SDXL}[args.shapes]
+    with torch.inference_mode():
+        bench(shapes, args.precision, dtype, args.rank, args.iters, device)
+
+
+if __name__ == "__main__":
+    main()

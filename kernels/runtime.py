@@ -1,0 +1,167 @@
+"""Per-GPU kernel state: why the kernels cannot run here, or the loaded cubins and a launcher.
+
+CuPy is imported here, lazily (only when a CUDA tensor meets a quantized layer or :func:`probe` is
+called), so importing the pack never needs CuPy, a GPU or a compiler. Kernels are launched on torch's
+current stream with the tensors' device pointers (zero copy).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import build, nvrtc
+
+
+class Unavailable(RuntimeError):
+    """The kernels cannot run in this process or on this GPU; the message says why."""
+
+
+def torch_cuda_major() -> int:
+    """CUDA major version of the installed torch (which decides the NVRTC and CuPy wheels)."""
+    if getattr(torch.version, "hip", None):
+        raise Unavailable("this is a ROCm build of PyTorch: the CUDA kernels do not apply")
+    if not torch.version.cuda:
+        raise Unavailable("this PyTorch build has no CUDA")
+    if not torch.cuda.is_available():
+        raise Unavailable("no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    return int(torch.version.cuda.split(".")[0])
+
+
+def import_cupy():
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a CuPy built for another CUDA failing at import
+        raise Unavailable(f"CuPy cannot be imported ({type(exc).__name__}: {exc}); run install.py in the pack "
+                          "folder to install the CuPy/NVRTC wheels matching your PyTorch") from exc
+    return cupy
+
+
+@functools.cache
+def compiler() -> nvrtc.Nvrtc:
+    major = torch_cuda_major()
+    try:
+        return nvrtc.load(major)
+    except nvrtc.NvrtcError as exc:
+        raise Unavailable(str(exc)) from exc
+
+
+@dataclass
+class Device:
+    """The kernels of one GPU."""
+
+    index: int
+    name: str
+    capability: tuple[int, int]
+    arch: str
+    unsupported: dict[str, str] = field(default_factory=dict)  # family → reason
+    _modules: dict[str, list] = field(default_factory=dict)  # family → loaded cupy.cuda.function.Module
+    _functions: dict[str, object] = field(default_factory=dict)
+    _streams: dict[int, object] = field(default_factory=dict)
+
+    def load(self, family: str) -> None:
+        """Compile (or take from the disk cache) and load a family; on failure record why."""
+        if family in self._modules or family in self.unsupported:
+            return
+        cupy = import_cupy()
+        try:
+            paths = build.build_family(family, self.arch, compiler())
+        except nvrtc.NvrtcError as exc:
+            first = next((line for line in str(exc).splitlines() if "error" in line), str(exc).splitlines()[0])
+            self.unsupported[family] = f"compile failure for {self.arch}: {first.strip()}"
+            return
+        except OSError as exc:
+            self.unsupported[family] = (f"the kernel cache {build.cache_dir()} is not writable ({exc}); set "
+                                        "SVDQUANT_KERNEL_CACHE to a writable folder")
+            return
+        try:  # load now (cuModuleLoadData), so that a driver too old for the cubins is found here
+            with cupy.cuda.Device(self.index):
+                modules = []
+                for path in paths:
+                    module = cupy.cuda.function.Module()
+                    module.load(path.read_bytes())
+                    modules.append(module)
+            self._modules[family] = modules
+        except Exception as exc:  # a driver too old for the cubin, a broken CuPy install …
+            self.unsupported[family] = f"cannot load the {self.arch} cubins ({type(exc).__name__}: {exc})"
+
+    def function(self, family: str, name: str):
+        fn = self._functions.get(name)
+        if fn is None:
+            for module in self._modules[family]:
+                try:
+                    fn = module.get_function(name)
+                    break
+                except Exception:  # not in this translation unit
+                    continue
+            if fn is None:
+                raise Unavailable(f"kernel {name} is missing from the {family} cubins")
+            self._functions[name] = fn
+        return fn
+
+    def launch(self, family: str, name: str, grid: tuple[int, int, int], block: int, args: list) -> None:
+        """Launch on torch's current stream of this device. ``args``: tensors (passed as device
+        pointers), None (a null pointer) and ints (int32)."""
+        cupy = import_cupy()
+        current = torch.cuda.current_stream(self.index)
+        stream = self._streams.get(current.cuda_stream)
+        if stream is None:  # CuPy 14 takes the stream protocol; CuPy 13 the raw handle
+            from_external = getattr(cupy.cuda.Stream, "from_external", None)
+            stream = from_external(current) if from_external else cupy.cuda.ExternalStream(current.cuda_stream,
+                                                                                           self.index)
+            self._streams[current.cuda_stream] = stream
+        packed = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.uint64(0) if a is None
+                       else np.int32(a) for a in args)
+        with cupy.cuda.Device(self.index), stream:
+            self.function(family, name)(grid, (block, 1, 1), packed)
+
+
+_devices: dict[int, Device | Unavailable] = {}
+_lock = threading.Lock()
+
+
+def probe(index: int) -> Device:
+    """The :class:`Device` for GPU ``index``; raises :class:`Unavailable` when no kernel can run there."""
+    with _lock:
+        state = _devices.get(index)
+        if state is None:
+            state = _devices[index] = _make_device(index)
+    if isinstance(state, Unavailable):
+        raise state
+    return state
+
+
+def _make_device(index: int) -> Device | Unavailable:
+    try:
+        major = torch_cuda_major()
+        cupy = import_cupy()
+        compiler()
+        capability = torch.cuda.get_device_capability(index)
+        arch = build.target(capability)
+        reasons = build.families_for(capability)
+        if all(reasons.values()):
+            raise Unavailable(reasons["int4"])
+        with cupy.cuda.Device(index):
+            driver = cupy.cuda.runtime.driverGetVersion()  # e.g. 12080 for CUDA 12.8
+        if driver // 1000 < major:
+            raise Unavailable(f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, older than "
+                              f"PyTorch's CUDA {torch.version.cuda}: update the driver")
+        supported = compiler().supported_archs()
+        if capability[0] * 10 + capability[1] not in supported:
+            raise Unavailable(f"NVRTC {compiler().version} cannot compile for {arch}")
+    except Unavailable as exc:
+        return exc
+    device = Device(index, torch.cuda.get_device_name(index), capability, arch)
+    device.unsupported.update({f: why for f, why in reasons.items() if why})
+    return device
+
+
+def reset() -> None:
+    """Forget every device's state (tests; a new install)."""
+    with _lock:
+        _devices.clear()
+    compiler.cache_clear()

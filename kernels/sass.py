@@ -1,0 +1,65 @@
+"""Read the machine code (SASS) of a cubin: which instructions each kernel really contains.
+
+Used by the CI tests (native 4-bit MMA on each target, no local-memory traffic) and by
+``python install.py --targets ... --check``. Needs ``cuobjdump`` or ``nvdisasm`` (the ``nvidia-cuda-cuobjdump`` /
+``nvidia-cuda-nvdisasm`` wheels, or a CUDA toolkit); no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+TOOLS = ("cuobjdump", "nvdisasm")
+_FUNCTION = re.compile(r"Function : (\w+)|^//-+ \.text\.(\w+) -+$", re.M)
+_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*(?:\.[A-Z0-9_]+)*)", re.M)
+
+
+def find_tool() -> Path | None:
+    """cuobjdump or nvdisasm: from the pip wheels, a CUDA toolkit, or PATH."""
+    exe = ".exe" if sys.platform == "win32" else ""
+    dirs = [Path(p) / "nvidia" / sub / "bin" for p in sys.path if p for sub in ("cu13", "cu12", "cuda_cuobjdump",
+                                                                                 "cuda_nvdisasm")]
+    dirs += [Path(os.environ[v]) / "bin" for v in ("CUDA_PATH", "CUDA_HOME") if os.environ.get(v)]
+    for tool in TOOLS:
+        for d in dirs:
+            if (d / (tool + exe)).is_file():
+                return d / (tool + exe)
+        found = shutil.which(tool)
+        if found:
+            return Path(found)
+    return None
+
+
+def disassemble(cubin: bytes, tool: Path) -> dict[str, str]:
+    """Kernel name → its SASS listing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        args = [str(tool), "-sass", str(path)] if "cuobjdump" in tool.name else [str(tool), "-c", str(path)]
+        text = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    marks = list(_FUNCTION.finditer(text))
+    return {(m.group(1) or m.group(2)): text[m.end(): marks[i + 1].start() if i + 1 < len(marks) else len(text)]
+            for i, m in enumerate(marks)}
+
+
+def opcodes(listing: str) -> Counter:
+    """Full mnemonics (with modifiers, e.g. ``IMMA.16864.S4.S4``) and how often each occurs."""
+    return Counter(_INSTRUCTION.findall(listing))
+
+
+def count(ops: Counter, prefix: str) -> int:
+    """Occurrences of mnemonics starting with ``prefix`` (``"STL"`` matches ``STL.64`` too)."""
+    return sum(n for op, n in ops.items() if op == prefix or op.startswith(prefix + "."))
+
+
+def summary(ops: Counter) -> str:
+    """The tensor-core instructions and the local-memory traffic of one kernel, in a line."""
+    tensor = [f"{op} x{n}" for op, n in sorted(ops.items()) if op.split(".")[0] in ("HMMA", "IMMA", "OMMA")]
+    return f"{', '.join(tensor) or 'no MMA'}; local-memory instructions: {count(ops, 'LDL') + count(ops, 'STL')}"

@@ -1,0 +1,139 @@
+"""CI without a GPU: compile every kernel for every supported target with NVRTC and check the machine
+code (SASS): the tensor-core instruction each target must run natively, and no local memory.
+
+Needs the ``nvidia-cuda-nvrtc`` wheel (and ``nvidia-cuda-cuobjdump`` or ``nvidia-cuda-nvdisasm`` for the
+SASS checks; see requirements-test.txt); skips, saying what to install, without them.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from comfyui_svdquant.kernels import build, nvrtc, sass
+
+try:
+    COMPILER = nvrtc.load()
+except nvrtc.NvrtcError as exc:
+    pytest.skip(f"NVRTC not found ({exc}); pip install nvidia-cuda-nvrtc to build the kernels in CI",
+                allow_module_level=True)
+
+TOOL = sass.find_tool()
+NEEDS_TOOL = pytest.mark.skipif(TOOL is None, reason="no cuobjdump/nvdisasm: pip install nvidia-cuda-cuobjdump")
+
+# What each (target, family) must contain, per kernel: the MMA mnemonic and how many per kernel.
+# INT4 GEMM main loop: 16 MMAs of m16n8k64 per 64-column step (a 64x32 warp tile), i.e. 16 native
+# IMMA.16864 on sm_80/86/89, 64 IMMA.8832 on sm_75, 32 IMMA.16832 (s8) on sm_90a/sm_120a.
+INT4_MMA = {
+    "sm_75": ("IMMA.8832.{a}4.S4", 64),
+    "sm_80": ("IMMA.16864.{a}4.S4", 16),
+    "sm_86": ("IMMA.16864.{a}4.S4", 16),
+    "sm_89": ("IMMA.16864.{a}4.S4", 16),
+    "sm_90a": ("IMMA.16832.{a}8.S8", 32),
+    "sm_120a": ("IMMA.16832.{a}8.S8", 32),
+}
+FP4_MMA = ("OMMA.SF.16864.F32.E2M1.E2M1.UE4M3.4X", 16)  # block-scaled NVFP4, sm_120a
+
+
+def _units(arch: str) -> list[build.Unit]:
+    reasons = build.families_for(build.capability_of(arch))
+    return [u for family, why in reasons.items() if not why for u in build.FAMILIES[family]]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[tuple[str, str], nvrtc.Program]:
+    """(arch, unit stem) → program, compiled once for the module, two at a time (CI has 2 cores;
+    NVRTC releases the GIL)."""
+    jobs = [(arch, unit) for arch in build.CI_TARGETS for unit in _units(arch)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        programs = pool.map(lambda job: build.compile_unit(job[1], job[0], COMPILER, verbose=True), jobs)
+        return {(arch, unit.stem): program for (arch, unit), program in zip(jobs, programs, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def listings(compiled) -> dict[tuple[str, str], dict[str, str]]:
+    if TOOL is None:
+        pytest.skip("no cuobjdump/nvdisasm: pip install nvidia-cuda-cuobjdump")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        texts = pool.map(lambda program: sass.disassemble(program.cubin, TOOL), compiled.values())
+        return dict(zip(compiled, texts, strict=True))
+
+
+def _kernels(listings, arch: str, stem: str) -> dict[str, dict[str, int]]:
+    return {name: sass.opcodes(text) for name, text in listings[(arch, stem)].items()}
+
+
+def test_supported_families_per_target():
+    assert build.families_for((7, 0))["int4"]  # Volta: no 4-bit tensor cores
+    for arch in build.CI_TARGETS:
+        reasons = build.families_for(build.capability_of(arch))
+        assert reasons["int4"] is None and reasons["w4a16"] is None, arch
+        assert (reasons["nvfp4"] is None) == arch.startswith("sm_12"), arch
+
+
+def _entry_points(arch: str, stem: str) -> set[str]:
+    dtypes = ("fp16",) if arch == "sm_75" else ("bf16", "fp16")  # sm_75: no bf16 tensor cores
+    source, _, family = stem.partition("-")
+    if source == "gemv_w4a16":
+        return {f"svdq_gemv_w4a16_{d}_m{m}" for d in dtypes for m in (1, 2, 4)}
+    modes = ("int4", "uint4") if family == "int4" else ("nvfp4",)
+    kind = "quantize" if source == "quantize" else "gemm"
+    return {f"svdq_{kind}_{mode}_{d}" for mode in modes for d in dtypes}
+
+
+@pytest.mark.parametrize("arch", build.CI_TARGETS)
+def test_every_kernel_compiles_without_spills(compiled, arch):
+    for unit in _units(arch):
+        log = compiled[(arch, unit.stem)].log
+        assert set(re.findall(r"Compiling entry function '(\w+)'", log)) == _entry_points(arch, unit.stem)
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        assert spills and all(s == ("0", "0") for s in spills), (arch, unit.stem, spills)
+        stacks = re.findall(r"(\d+) bytes stack frame", log)
+        assert all(s == "0" for s in stacks), (arch, unit.stem, stacks)
+
+
+@NEEDS_TOOL
+@pytest.mark.parametrize("arch", build.CI_TARGETS)
+def test_no_local_memory(listings, arch):
+    for unit in _units(arch):
+        for name, ops in _kernels(listings, arch, unit.stem).items():
+            assert sass.count(ops, "LDL") == 0 and sass.count(ops, "STL") == 0, (arch, name)
+
+
+@NEEDS_TOOL
+@pytest.mark.parametrize("arch", build.CI_TARGETS)
+def test_int4_gemm_uses_the_native_tensor_core_instruction(listings, arch):
+    mnemonic, per_kernel = INT4_MMA[arch]
+    kernels = _kernels(listings, arch, "gemm_w4a4-int4")
+    assert kernels
+    for name, ops in kernels.items():
+        expected = mnemonic.format(a="U" if "uint4" in name else "S")
+        assert ops.get(expected, 0) == per_kernel, (arch, name, expected, dict(ops))
+        imma = {op: n for op, n in ops.items() if op.startswith("IMMA")}
+        assert imma == {expected: per_kernel}, (arch, name, imma)  # nothing emulated, nothing else
+        # the branch-up: m16n8k16 (two m16n8k8 on sm_75) in 16-bit with fp32 accumulation
+        assert sass.count(ops, "HMMA") > 0, (arch, name)
+
+
+@NEEDS_TOOL
+def test_nvfp4_gemm_uses_the_block_scaled_fp4_mma(listings):
+    kernels = _kernels(listings, "sm_120a", "gemm_w4a4-nvfp4")
+    assert set(kernels) == {"svdq_gemm_nvfp4_bf16", "svdq_gemm_nvfp4_fp16"}
+    mnemonic, per_kernel = FP4_MMA
+    for name, ops in kernels.items():
+        assert ops.get(mnemonic, 0) == per_kernel, (name, {op: n for op, n in ops.items() if "MMA" in op})
+        assert sass.count(ops, "IMMA") == 0, name
+
+
+@NEEDS_TOOL
+@pytest.mark.parametrize("arch", build.CI_TARGETS)
+def test_quantize_runs_the_branch_down_on_tensor_cores(listings, arch):
+    for unit in _units(arch):
+        if not unit.stem.startswith("quantize"):
+            continue
+        for name, ops in _kernels(listings, arch, unit.stem).items():
+            hmma = "HMMA.1688.F32" if arch == "sm_75" else "HMMA.16816.F32" + (".BF16" if "bf16" in name else "")
+            # 4 rank tiles x 4 k16 steps x 2 halves per 64-column group (two m16n8k8 each on sm_75)
+            assert ops.get(hmma, 0) == (64 if arch == "sm_75" else 32), (arch, name, dict(ops))

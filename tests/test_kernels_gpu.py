@@ -1,0 +1,149 @@
+"""The fused kernels against the reference layers, on an NVIDIA GPU (skipped, saying why, elsewhere).
+
+Every FLUX.1 and SDXL linear shape, M not a multiple of the 128-row tile, bf16 and fp16, INT4 signed
+and unsigned (and NVFP4 on sm_120/121): relative error ≤ 1e-2 against ``reference_forward``, never
+NaN, outputs poisoned with NaN first, and bitwise identical across runs. Kernel 1's codes and scales
+are compared bit for bit with the core's quantizer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from test_kernels_emulated import check_kernel1
+from test_layers import random_w4a4
+
+from comfyui_svdquant import kernels
+from comfyui_svdquant.kernels import backend, runtime
+from comfyui_svdquant.svdquant.quantizer import quantize_w4a16
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU: the kernel correctness tests need an NVIDIA GPU", allow_module_level=True)
+
+DEVICE = torch.device("cuda", torch.cuda.current_device())
+CAPABILITY = torch.cuda.get_device_capability(DEVICE)
+FLUX = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
+SDXL = [(640, 640), (640, 5120), (2560, 640), (2048, 640), (1280, 1280), (1280, 10240), (5120, 1280), (2048, 1280)]
+MODES = ["int4", "uint4", "nvfp4"]
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_kernels():
+    choice = kernels.enable("auto")
+    if not choice.startswith("CUDA kernels"):
+        pytest.skip(f"the kernels cannot run here: {choice}")
+    yield
+    kernels.enable("torch")
+
+
+def _skip_unsupported(mode: str, dtype: torch.dtype) -> None:
+    if mode == "nvfp4" and CAPABILITY[0] != 12:
+        pytest.skip("NVFP4 kernels need sm_120/121")
+    if dtype == torch.bfloat16 and CAPABILITY < (8, 0):
+        pytest.skip("sm_75 has no bf16 tensor cores")
+
+
+@functools.lru_cache(maxsize=8)
+def _layer(k: int, n: int, rank: int, mode: str, dtype: torch.dtype):
+    layer = random_w4a4(k, n, rank, "nvfp4" if mode == "nvfp4" else "int4", mode == "uint4", dtype, seed=k + n)
+    return layer.to(DEVICE)
+
+
+def _input(m: int, k: int, mode: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(m, k, device=DEVICE, generator=g)
+    if mode == "uint4":  # a GELU output, as unsigned layers read
+        x = torch.nn.functional.gelu(x, approximate="tanh")
+    return x.to(dtype)
+
+
+def _poison_allocator() -> None:
+    """Leave NaN bytes in the caching allocator so that workspaces start as garbage."""
+    junk = torch.full((64 << 20,), float("nan"), device=DEVICE)
+    del junk
+
+
+def _run(kind: str, layer, x: torch.Tensor) -> torch.Tensor:
+    out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=DEVICE)
+    _poison_allocator()
+    y = (backend.w4a4 if kind == "w4a4" else backend.w4a16)(layer, x, out=out)
+    assert y is out, "the kernel declined this call"
+    return y
+
+
+def _check(kind: str, layer, x: torch.Tensor) -> None:
+    y = _run(kind, layer, x)
+    ref = layer.reference_forward(x)
+    assert not torch.isnan(y).any()
+    error = float((y.double() - ref.double()).norm() / ref.double().norm())
+    assert error <= 1e-2, error
+    assert torch.equal(_run(kind, layer, x), y), "not bitwise reproducible"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k,n", FLUX + SDXL)
+def test_w4a4_matches_reference(k, n, mode, dtype):
+    _skip_unsupported(mode, dtype)
+    m = 4096 + 77 if (k, n) in FLUX else 1024 + 13
+    _check("w4a4", _layer(k, n, 32, mode, dtype), _input(m, k, mode, dtype, seed=m))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rank", [0, 16, 48, 80, 160])  # a checkpoint's 32 grown by LoRAs, and none
+@pytest.mark.parametrize("m", [1, 16, 333])
+def test_w4a4_any_rank_and_row_count(m, rank, mode):
+    _skip_unsupported(mode, torch.bfloat16)
+    _check("w4a4", _layer(3072, 3072, rank, mode, torch.bfloat16), _input(m, 3072, mode, torch.bfloat16, seed=rank))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k,n", [(3000, 3001), (200, 100)])  # padded buffers, odd output width
+def test_w4a4_unpadded_features(k, n, mode):
+    _skip_unsupported(mode, torch.float16)
+    _check("w4a4", _layer(k, n, 16, mode, torch.float16), _input(77, k, mode, torch.float16, seed=1))
+
+
+def test_w4a4_through_the_dispatcher():
+    layer = _layer(3072, 3072, 32, "int4", torch.float16)
+    x = _input(2 * 333, 3072, "int4", torch.float16, seed=3).reshape(2, 333, 3072)
+    y = layer(x)
+    assert y.shape == (2, 333, 3072)
+    assert torch.equal(y.reshape(-1, 3072), backend.w4a4(layer, x.reshape(-1, 3072)))
+
+
+# --- kernel 1's codes, scales and branch input, bit for bit (decoded as in the emulated tests) ---
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantize_is_bit_exact(mode):
+    _skip_unsupported(mode, torch.bfloat16)
+    layer = _layer(3072, 3072, 48, mode, torch.bfloat16)
+    x = _input(333, 3072, mode, torch.bfloat16, seed=7)
+    _, launches = backend.plan_w4a4(layer, x)
+    device = runtime.probe(DEVICE.index)
+    for name, grid, block, args in launches:
+        device.launch(layer.precision, name, grid, block, args)
+    check_kernel1(layer, x, launches[0])
+
+
+# --- W4A16 (modulation) ---
+
+
+@functools.lru_cache(maxsize=4)
+def _w4a16(k: int, n: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(k + n)
+    w, b = torch.randn(n, k, generator=g) * 0.02, torch.randn(n, generator=g)
+    return quantize_w4a16("mod", w, b, dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("k,n", [(3072, 18432), (3072, 9216), (3000, 1000)])
+def test_w4a16_matches_reference(k, n, m, dtype):
+    _skip_unsupported("int4", dtype)
+    layer = _w4a16(k, n, dtype)
+    _check("w4a16", layer, _input(m, k, "int4", dtype, seed=m))

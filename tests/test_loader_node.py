@@ -1,0 +1,98 @@
+"""Load SVDQuant Model as a user meets it: what it lists, the FLUX.1 variant it builds from a file's metadata
+or (without ComfyUI's metadata) from the tensor shapes, the choices it refuses when a prompt is validated,
+and reloading a file that was replaced on disk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tiny_models import TINY_FLUX, flux_inputs, tiny_flux
+
+VARIANTS = {  # name → (tiny_flux overrides, ComfyUI model config class, latent channels the model reads)
+    "dev": ({}, "Flux", 16),
+    "schnell": ({"guidance_embed": False}, "FluxSchnell", 16),
+    "fill": ({"in_channels": 96}, "FluxInpaint", 96),  # 16 latent + 64 mask + 16 masked image
+    "depth-canny": ({"in_channels": 32}, "Flux", 32),  # 16 latent + 16 control image latent
+}
+
+
+@pytest.fixture(scope="module")
+def variant_files(comfy, tmp_path_factory):
+    """name → (file with ComfyUI's comfy_config metadata, file with only the diffusers config), nunchaku's
+    layout, written by the test packer."""
+    from nunchaku_fixture import flux_checkpoint
+
+    folder = tmp_path_factory.mktemp("variants")
+    files = {}
+    for name, (overrides, _, _) in VARIANTS.items():
+        model = tiny_flux(seed=7, **overrides)
+        files[name] = []
+        for comfy_config in (True, False):
+            path = folder / f"svdq-int4_r16-{name}-{'meta' if comfy_config else 'shapes'}.safetensors"
+            flux_checkpoint(model, path, rank=16, comfy_config=comfy_config)
+            files[name].append(path)
+    return files
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("source", ["metadata", "shapes"])
+def test_flux_variant_is_built_from_the_file(variant_files, model_folders, variant, source):
+    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
+
+    path = variant_files[variant][source == "shapes"]
+    os.link(path, model_folders["diffusion_models"] / path.name)
+    (patcher,) = SVDQuantModelLoader.execute(path.name, "bfloat16", "torch").args
+    overrides, config_class, channels = VARIANTS[variant]
+    model = patcher.model
+    assert type(model.model_config).__name__ == config_class
+    assert model.diffusion_model.img_in.in_features == channels * 4
+    assert model.diffusion_model.params.guidance_embed == overrides.get("guidance_embed", True)
+    inputs = flux_inputs(0, {**TINY_FLUX, **overrides})
+    with torch.no_grad():
+        out = model.diffusion_model(**inputs)
+    assert out.shape == (1, 16, 16, 16) and torch.isfinite(out).all()
+
+
+def test_lists_files_and_folder_checkpoints(variant_files, model_folders):
+    from comfyui_svdquant.nodes.files import checkpoint_names
+    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
+
+    folder = model_folders["diffusion_models"]
+    (folder / "sub").mkdir()
+    os.link(variant_files["dev"][0], folder / "sub" / "flux-dev.safetensors")
+    old = folder / "old-layout"
+    old.mkdir()
+    for name in ("transformer_blocks.safetensors", "unquantized_layers.safetensors"):
+        (old / name).write_bytes(b"")
+    assert checkpoint_names() == ["old-layout/", "sub/flux-dev.safetensors"]
+    options = SVDQuantModelLoader.GET_SCHEMA().inputs[0].options
+    assert options == ["old-layout/", "sub/flux-dev.safetensors"]
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"model_name": "missing.safetensors"}, "'missing.safetensors' is not in the diffusion_models folder"),
+    ({"model_name": "m.safetensors", "compute_dtype": "float32"}, "compute_dtype: 'float32' is not one of"),
+    ({"model_name": "m.safetensors", "kernel_backend": "triton"}, "kernel_backend: 'triton' is not one of"),
+])
+def test_validation_refuses_what_is_not_offered(model_folders, inputs, message):
+    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
+
+    (model_folders["diffusion_models"] / "m.safetensors").write_bytes(b"")
+    result = SVDQuantModelLoader.validate_inputs(**inputs)
+    assert isinstance(result, str) and message in result
+
+
+def test_a_replaced_file_is_loaded_again(variant_files, model_folders):
+    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
+
+    target = model_folders["diffusion_models"] / "model.safetensors"
+    target.write_bytes(variant_files["dev"][0].read_bytes())
+    before = SVDQuantModelLoader.fingerprint_inputs("model.safetensors", "auto", "auto")
+    assert SVDQuantModelLoader.fingerprint_inputs("model.safetensors", "auto", "auto") == before
+    replacement = target.with_suffix(".new")
+    replacement.write_bytes(variant_files["schnell"][0].read_bytes())
+    os.replace(replacement, target)  # as the download and save nodes write files
+    assert SVDQuantModelLoader.fingerprint_inputs("model.safetensors", "auto", "auto") != before

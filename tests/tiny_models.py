@@ -1,0 +1,114 @@
+"""Small models with the real architectures (ComfyUI's own classes at small widths), their inputs,
+and the real quantizer run over them. Used by the ComfyUI integration tests."""
+
+from __future__ import annotations
+
+import torch
+
+TINY_FLUX = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
+    "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [16, 24, 24], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+
+
+def init_weights(module: torch.nn.Module, seed: int) -> None:
+    """Deterministic weights of a trained model's scale: ComfyUI's ops leave them uninitialized."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("scale"):
+                p.fill_(1.0)
+            elif p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * 0.7 / fan_in**0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides):
+    """A dense ComfyUI FLUX BaseModel (``comfy.ldm.flux.model.Flux`` inside) at a small width."""
+    import comfy.supported_models
+
+    config = dict(TINY_FLUX, **overrides)
+    cls = comfy.supported_models.Flux if config["guidance_embed"] else comfy.supported_models.FluxSchnell
+    model_config = cls(config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    init_weights(model.diffusion_model, seed)
+    return model
+
+
+def flux_inputs(seed: int, config: dict | None = None, batch: int = 1, size: int = 16, tokens: int = 8,
+                dtype: torch.dtype = torch.bfloat16) -> dict:
+    config = config or TINY_FLUX
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        "x": torch.randn(batch, config["in_channels"], size, size, generator=g).to(dtype),
+        "timestep": torch.rand(batch, generator=g),
+        "context": torch.randn(batch, tokens, config["context_in_dim"], generator=g).to(dtype),
+        "y": torch.randn(batch, config["vec_in_dim"], generator=g).to(dtype),
+    }
+    if config.get("guidance_embed", True):
+        out["guidance"] = torch.full((batch,), 3.5)
+    return out
+
+
+def quantize(model, calls, config=None):
+    """The pack's real quantizer over ``model`` with ``calls`` as calibration forwards: a new SVDQuant
+    BaseModel sharing the source's 16-bit tensors."""
+    import comfyui_svdquant.loaders.convert as convert
+    from comfyui_svdquant.svdquant.quantizer import QuantizeConfig
+    from comfyui_svdquant.svdquant.quantizer.model import quantize_blocks
+
+    architecture, unet_config, _ = convert.blocks_of(model.diffusion_model)
+    plan = convert.plan(architecture, unet_config)
+    config = config or QuantizeConfig(rank=16, smooth_grid=(0.25, 0.5, 0.75), svd_rounds=3)
+    modules, _ = quantize_blocks(model.diffusion_model, plan, calls, config, device="cpu")
+    return convert.assemble(model, modules)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# An SDXL-class UNet (ComfyUI's supported_models.SDXL, openaimodel.UNetModel) at a small width. Level 1
+# is 64 channels wide, so its linears are padded to 128 as SDXL's 320-wide ones would be; SDXL's
+# heads are 64 wide at every level. ComfyUI's SDXL detection matches only the real shape, hence the
+# explicit config.
+TINY_SDXL = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 32, "in_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 1], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 64, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides):
+    """A dense ComfyUI SDXL BaseModel (``UNetModel`` inside) at a small width."""
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.SDXL(dict(TINY_SDXL, **overrides))
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    init_weights(model.diffusion_model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # norms near identity, as trained ones are
+        for module in model.diffusion_model.modules():
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
+                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=g))
+    return model
+
+
+def sdxl_inputs(seed: int, config: dict | None = None, batch: int = 1, size: int = 16, tokens: int = 8,
+                dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Keyword arguments of ``UNetModel.forward``: latent, timesteps, text context and the pooled vector."""
+    config = config or TINY_SDXL
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(batch, config["in_channels"], size, size, generator=g).to(dtype),
+        "timesteps": torch.randint(0, 1000, (batch,), generator=g).float(),
+        "context": torch.randn(batch, tokens, config["context_dim"], generator=g).to(dtype),
+        "y": torch.randn(batch, config["adm_in_channels"], generator=g).to(dtype),
+    }
