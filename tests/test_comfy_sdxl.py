@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from nunchaku_fixture import sdxl_checkpoint
-from tiny_models import TINY_SDXL, quantize, relative_error, sdxl_inputs, tiny_sdxl
+from tiny_models import TINY_SDXL, mapping_errors, quantize, relative_error, sdxl_inputs, tiny_sdxl
 
 RANK = 32
 EXACT = 1e-5
@@ -33,20 +33,6 @@ def load_node(name: str):
 
     (patcher,) = SVDQuantModelLoader.execute(name, "bfloat16", "torch").args
     return patcher
-
-
-def mapping_errors(model, expected) -> dict[str, float]:
-    from comfyui_svdquant.loaders.ops import quantized_ops
-
-    ops = dict(quantized_ops(model.diffusion_model))
-    assert set(ops) == set(expected)
-    out = {}
-    for name, op in ops.items():
-        weight, bias = op.quantized.to_dense()
-        want_weight, want_bias = expected[name]
-        assert (bias is None) == (want_bias is None), name
-        out[name] = max(relative_error(weight, want_weight), relative_error(bias, want_bias) if bias is not None else 0.0)
-    return out
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])

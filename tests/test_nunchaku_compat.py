@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import nunchaku_fixture
 from nunchaku_fixture import FAULTS, flux_checkpoint
-from tiny_models import TINY_FLUX, flux_inputs, quantize, relative_error, tiny_flux
+from tiny_models import TINY_FLUX, flux_inputs, mapping_errors, quantize, relative_error, tiny_flux
 
 H, M, RANK = TINY_FLUX["hidden_size"], int(TINY_FLUX["hidden_size"] * TINY_FLUX["mlp_ratio"]), 32
 EXACT = 1e-5  # fp32 rounding of the same 16-bit tensors
@@ -41,21 +41,6 @@ def load_node(name: str, kernel_backend: str = "torch"):
     assert SVDQuantModelLoader.validate_inputs(model_name=name) is True
     (patcher,) = SVDQuantModelLoader.execute(name, "bfloat16", kernel_backend).args
     return patcher
-
-
-def mapping_errors(model, expected) -> dict[str, float]:
-    """Per quantized ComfyUI Linear: the larger relative error of its dense weight and bias."""
-    from comfyui_svdquant.loaders.ops import quantized_ops
-
-    ops = dict(quantized_ops(model.diffusion_model))
-    assert set(ops) == set(expected)
-    out = {}
-    for name, op in ops.items():
-        weight, bias = op.quantized.to_dense()
-        want_weight, want_bias = expected[name]
-        out[name] = max(relative_error(weight, want_weight),
-                        relative_error(bias, want_bias) if want_bias is not None else float(bias is not None))
-    return out
 
 
 def output(patcher, inputs):

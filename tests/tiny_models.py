@@ -72,6 +72,26 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def mapping_errors(model, expected: dict) -> dict[str, float]:
+    """Per quantized ComfyUI Linear of ``model``: the larger relative error of its dense weight and bias
+    against ``expected[name] = (weight, bias)``; a bias where none is expected (or none where one is)
+    counts as error 1. The quantized Linears must be exactly those of ``expected``."""
+    from comfyui_svdquant.loaders.ops import quantized_ops
+
+    ops = dict(quantized_ops(model.diffusion_model))
+    assert set(ops) == set(expected)
+    out = {}
+    for name, op in ops.items():
+        weight, bias = op.quantized.to_dense()
+        want_weight, want_bias = expected[name]
+        if bias is None or want_bias is None:
+            bias_error = float((bias is None) != (want_bias is None))
+        else:
+            bias_error = relative_error(bias, want_bias)
+        out[name] = max(relative_error(weight, want_weight), bias_error)
+    return out
+
+
 # An SDXL-class UNet (ComfyUI's supported_models.SDXL, openaimodel.UNetModel) at a small width. Level 1
 # is 64 channels wide, so its linears are padded to 128 as SDXL's 320-wide ones would be; SDXL's
 # heads are 64 wide at every level. ComfyUI's SDXL detection matches only the real shape, hence the
