@@ -146,9 +146,9 @@ FLUX_SHAPES = [  # (name, K, N, reads a GELU output)
 ]
 
 
-def flux_like_layer(k: int, n: int, gelu: bool, seed: int, calib_rows: int = 2048, test_rows: int = 1024):
-    """Weights with a decaying spectrum plus a few large columns, activations whose channels have
-    log-normal scales and a handful of massive outliers: the structure SVDQuant targets."""
+def flux_like_layer(k: int, n: int, gelu: bool, seed: int):
+    """Weights with a decaying spectrum plus a few large columns, and ``rows(count)`` drawing activations
+    whose channels have log-normal scales and a handful of massive outliers: the structure SVDQuant targets."""
     g = torch.Generator().manual_seed(seed)
     rank = 64
     u, v = torch.randn(n, rank, generator=g), torch.randn(rank, k, generator=g)
@@ -163,7 +163,7 @@ def flux_like_layer(k: int, n: int, gelu: bool, seed: int, calib_rows: int = 204
         return torch.nn.functional.gelu(x, approximate="tanh") if gelu else x
 
     bias = torch.randn(n, generator=g) * 0.05
-    return weight, bias, rows(calib_rows).bfloat16(), rows(test_rows).bfloat16()
+    return weight, bias, lambda count: rows(count).bfloat16()
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -185,18 +185,19 @@ def measure(layers, precision: str, rank: int, variant: dict, device: str) -> tu
     return errors, seconds / sum(len(layer[0]) for layer in layers)
 
 
-def table(title: str, layers, precisions: list[str], ranks: list[int], device: str) -> str:
+def table(title: str, layers, precisions: list[str], ranks: list[int], device: str, variants: list[str]) -> str:
     lines = [f"### {title}", "",
              "| precision | rank | variant | error (geo-mean) | × RTN | worst layer × RTN | s / layer |",
              "|---|---|---|---|---|---|---|"]
     for precision in precisions:
         baseline, _ = measure(layers, precision, 0, VARIANTS["RTN W4A4"], device)
         for rank in ranks:
-            for name, variant in VARIANTS.items():
+            for name in variants:
+                variant = VARIANTS[name]
                 if variant.get("rank") == 0 and rank != ranks[0]:
                     continue  # rank-free variants once per precision
                 errors, seconds = measure(layers, precision, rank, variant, device)
-                ratios = [e / b for e, b in zip(errors, baseline)]
+                ratios = [e / b for e, b in zip(errors, baseline, strict=True)]
                 shown_rank = "–" if variant.get("rank") == 0 else str(rank)
                 lines.append(f"| {precision} | {shown_rank} | {name} | {geomean(errors):.5f} | {geomean(ratios):.3f} | "
                              f"{max(ratios):.3f} | {seconds:.2f} |")
@@ -210,25 +211,30 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--flux-ranks", type=int, nargs="+", default=[32])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="rows to measure (RTN is always measured: the ratios need it)")
     args = parser.parse_args()
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
     print(f"# Quantizer quality — {datetime.date.today()} — {device_name} — torch {torch.__version__}\n")
     out = []
     if args.part in ("real", "both"):
         layers = minilm_layers(256, 256)
         out.append(table("all-MiniLM-L6-v2, 37 linear layers, real sentences", layers, ["int4", "nvfp4"],
-                         args.ranks, args.device))
+                         args.ranks, args.device, args.variants))
     if args.part in ("flux", "both"):
         layers = []
         for i, (name, k, n, gelu) in enumerate(FLUX_SHAPES):
-            w, b, calib_rows, test_rows = flux_like_layer(k, n, gelu, seed=i)
+            w, b, rows = flux_like_layer(k, n, gelu, seed=i)
+            # 512 sampled rows plus K + 2048 for GPTQ's Hessian (it needs more rows than channels), in chunks
             calib = InputStats(name, k, max_rows=512, hessian=True)
-            calib.update(calib_rows)
-            test = InputStats(name, k, max_rows=len(test_rows))
-            test.update(test_rows)
+            for _ in range(0, 512 + k + 2048, 2048):
+                calib.update(rows(2048))
+            test = InputStats(name, k, max_rows=1024)
+            test.update(rows(1024))
             layers.append(([name], {name: (w, b)}, calib, {name: test}, gelu))
         out.append(table("FLUX.1-shaped layers with outlier channels", layers, ["int4", "nvfp4"], args.flux_ranks,
-                         args.device))
+                         args.device, args.variants))
     print("\n\n".join(out))
 
 

@@ -86,8 +86,8 @@ class FluxArchitecture:
             return True
         if not any(FluxArchitecture(n)._has_blocks(reader) for n in ("cpp", "python")):
             raise CheckpointError(reader.path, "a FLUX checkpoint without SVDQuant blocks: neither "
-                                  "'transformer_blocks.0.qkv_proj.qweight' nor 'transformer_blocks.0.attn.to_qkv.qweight' "
-                                  "is in it")
+                                  "'transformer_blocks.0.qkv_proj.qweight' nor "
+                                  "'transformer_blocks.0.attn.to_qkv.qweight' is in it")
         return False
 
     def unet_config(self, reader: CheckpointReader) -> dict:
@@ -98,7 +98,8 @@ class FluxArchitecture:
         shapes = self._config_from_shapes(reader, config.get("axes_dim"))
         config.pop("disable_unet_model_creation", None)
         if config.get("image_model") != "flux":
-            raise CheckpointError(reader.path, f"comfy_config describes a {config.get('image_model')!r} model, not FLUX")
+            raise CheckpointError(reader.path,
+                                  f"comfy_config describes a {config.get('image_model')!r} model, not FLUX")
         # Fill / Depth / Canny files widen the input embedder; some carry the dev model's comfy_config.
         for key in ("in_channels", "out_channels", "guidance_embed"):
             if config.get(key) != shapes[key]:
@@ -126,8 +127,8 @@ class FluxArchitecture:
         mlp_hidden = reader.shape(mlp_fc1)[0]
         axes = axes or diffusers.get("axes_dims_rope") or ([16, 56, 56] if head_dim == 128 else None)
         if axes is None or sum(axes) != head_dim:
-            raise CheckpointError(reader.path, f"cannot tell the rotary axes of a FLUX model with head size {head_dim}: "
-                                  "the metadata entry 'config' (axes_dims_rope) is missing")
+            raise CheckpointError(reader.path, f"cannot tell the rotary axes of a FLUX model with head size "
+                                  f"{head_dim}: the metadata entry 'config' (axes_dims_rope) is missing")
         return {
             "image_model": "flux",
             "in_channels": in_features // PATCH**2,
@@ -161,13 +162,14 @@ class FluxArchitecture:
         out: list[Block] = []
         for i in range(unet_config["depth"]):
 
-            def w4a4(comfy_name: str, local: str, k: int, n: int, unsigned: bool = False) -> QuantizedLayer:
+            def w4a4(comfy_name: str, local: str, k: int, n: int, unsigned: bool = False, i: int = i
+                     ) -> QuantizedLayer:
                 return QuantizedLayer(f"double_blocks.{i}.{comfy_name}",
                                       (Part(self.double(i, local), "w4a4", k, n, unsigned),))
 
-            def modulation(comfy_name: str, local: str) -> QuantizedLayer:
-                return QuantizedLayer(f"double_blocks.{i}.{comfy_name}",
-                                      (Part(self.double(i, local), "w4a16", h, 6 * h, splits=6, scale_chunks=(1, 4)),))
+            def modulation(comfy_name: str, local: str, i: int = i) -> QuantizedLayer:
+                part = Part(self.double(i, local), "w4a16", h, 6 * h, splits=6, scale_chunks=(1, 4))
+                return QuantizedLayer(f"double_blocks.{i}.{comfy_name}", (part,))
 
             out.append(Block(f"double_blocks.{i}", (
                 modulation("img_mod.lin", "norm1.linear"),
@@ -198,7 +200,8 @@ class FluxArchitecture:
         out = {}
         for file_key, target in comfy.utils.flux_to_diffusers(unet_config).items():
             comfy_key = target if isinstance(target, str) else target[0]
-            if comfy_key.startswith(("double_blocks.", "single_blocks.")) or (not isinstance(target, str) and target[1]):
+            sliced = not isinstance(target, str) and target[1]
+            if comfy_key.startswith(("double_blocks.", "single_blocks.")) or sliced:
                 continue  # block tensors are mapped below; sliced entries belong to fused quantized layers
             if file_key.startswith("controlnet_"):
                 continue

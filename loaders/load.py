@@ -44,7 +44,8 @@ def detect(reader: CheckpointReader) -> Architecture:
     known = ", ".join(dict.fromkeys(a.name for a in ARCHITECTURES))
     if model_class:
         raise CheckpointError(reader.path, f"model_class {model_class!r} is not a model this pack loads ({known})")
-    raise CheckpointError(reader.path, f"no {known} layers found: this is not an SVDQuant checkpoint of a supported model")
+    raise CheckpointError(reader.path,
+                          f"no {known} layers found: this is not an SVDQuant checkpoint of a supported model")
 
 
 def architecture_of(diffusion_model: nn.Module) -> tuple[Architecture, dict] | None:

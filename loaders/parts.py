@@ -165,7 +165,8 @@ def join_rows(prefix: str, layers: list[W4A4Linear]) -> W4A4Linear:
     pieces = [_row_tensors(layer) for layer in layers]
     if len({tuple(p) for p in pieces}) != 1:
         raise SVDQuantError(f"'{prefix}': some of the layers fused in the checkpoint have a bias and some do not")
-    rows = {k: torch.cat([p[k][:layer.out_features] for p, layer in zip(pieces, layers)]) for k in pieces[0]}
+    rows = {k: torch.cat([p[k][:layer.out_features] for p, layer in zip(pieces, layers, strict=True)])
+            for k in pieces[0]}
     return _from_rows(first, rows, sum(layer.out_features for layer in layers))
 
 
@@ -191,7 +192,7 @@ def checkpoint_tensors(bodies: list[tuple[QuantizedLayer, nn.Module]]) -> dict[s
     out: dict[str, torch.Tensor] = {}
     sliced: dict[str, list[tuple[Part, nn.Module]]] = {}
     for layer, body in bodies:
-        for part, module in zip(layer.parts, split(layer, body)):
+        for part, module in zip(layer.parts, split(layer, body), strict=True):
             if part.rows:
                 sliced.setdefault(part.prefix, []).append((part, module))
             else:

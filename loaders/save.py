@@ -47,7 +47,8 @@ def checkpoint_tensors(diffusion_model: nn.Module) -> tuple[dict[str, torch.Tens
     return tensors, metadata
 
 
-def save_checkpoint(diffusion_model: nn.Module, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
+def save_checkpoint(diffusion_model: nn.Module, path: str | os.PathLike,
+                    extra_metadata: dict[str, str] | None = None) -> None:
     """Write ``diffusion_model`` (ComfyUI's FLUX/SDXL class with SVDQuant layers) to ``path`` atomically."""
     tensors, metadata = checkpoint_tensors(diffusion_model)
     metadata.update(extra_metadata or {})

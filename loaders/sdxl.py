@@ -32,7 +32,8 @@ from .architecture import Block, Part, QuantizedLayer, all_layers
 
 MODEL_CLASS = "NunchakuSDXLUNet2DConditionModel"
 HEAD_CHANNELS = 64  # SDXL's attention heads are 64 wide at every level
-_MARKER = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\.transformer_blocks\.\d+\.attn1\.to_qkv\.qweight$")
+_MARKER = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+"
+                     r"\.transformer_blocks\.\d+\.attn1\.to_qkv\.qweight$")
 
 
 class SDXLArchitecture:
@@ -60,7 +61,8 @@ class SDXLArchitecture:
     def model_config(self, unet_config: dict):
         model_config = comfy.supported_models.SDXL(dict(unet_config))
         # ComfyUI's SDXL class fixes 64-channel heads; keep the file's (test models are narrower).
-        model_config.unet_config.update(num_heads=-1, num_head_channels=unet_config.get("num_head_channels", HEAD_CHANNELS))
+        model_config.unet_config.update(num_heads=-1,
+                                        num_head_channels=unet_config.get("num_head_channels", HEAD_CHANNELS))
         return model_config
 
     def blocks(self, unet_config: dict) -> list[Block]:
@@ -71,8 +73,10 @@ class SDXLArchitecture:
                                           (Part(qkv, "w4a4", d, 3 * d, has_bias=False, rows=(j * d, d)),))
                            for j, name in enumerate("qkv"))
 
-            def w4a4(local: str, k: int, n: int, bias: bool = True) -> QuantizedLayer:
-                return QuantizedLayer(f"{comfy_block}.{local}", (Part(f"{file_block}.{local}", "w4a4", k, n, has_bias=bias),))
+            def w4a4(local: str, k: int, n: int, bias: bool = True, comfy_block: str = comfy_block,
+                     file_block: str = file_block) -> QuantizedLayer:
+                part = Part(f"{file_block}.{local}", "w4a4", k, n, has_bias=bias)
+                return QuantizedLayer(f"{comfy_block}.{local}", (part,))
 
             out.append(Block(comfy_block, slices + (
                 w4a4("attn1.to_out.0", d, d),

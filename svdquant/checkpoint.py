@@ -87,8 +87,9 @@ def _sniff(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
-        if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
-            _check_length(path, size, struct.unpack("<Q", head[:8])[0], b"{" + f.read(struct.unpack("<Q", head[:8])[0] - 1))
+        header_length = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
+        if len(head) == 9 and head[8:9] == b"{" and header_length <= size - 8:
+            _check_length(path, size, header_length, b"{" + f.read(header_length - 1))
             return
     if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise CheckpointError(
@@ -238,7 +239,8 @@ def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
         if tensor.dtype not in _DTYPES:
             raise CheckpointError(path, f"tensor '{key}' has dtype {tensor.dtype}, which safetensors cannot store")
         size = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

@@ -19,7 +19,8 @@ def _expect(reader: CheckpointReader, key: str, shape: tuple[int, ...], dtypes: 
                               f"{list(shape)}")
     if got_dtype not in dtypes:
         names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise CheckpointError(reader.path, f"tensor '{key}' is {str(got_dtype).replace('torch.', '')}, expected {names}")
+        got = str(got_dtype).replace("torch.", "")
+        raise CheckpointError(reader.path, f"tensor '{key}' is {got}, expected {names}")
 
 
 def is_w4a4(reader: CheckpointReader, prefix: str) -> bool:

@@ -243,7 +243,7 @@ class SplitInputLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pieces = torch.split(x, [p.in_features for p in self.parts], dim=-1)
         out = self.parts[0](pieces[0])
-        for part, piece in zip(self.parts[1:], pieces[1:]):
+        for part, piece in zip(self.parts[1:], pieces[1:], strict=True):
             out = out + part(piece)
         return out
 

@@ -301,7 +301,7 @@ def flux_checkpoint(model, path: str | Path, precision: str = "int4", rank: int 
     assert faults <= FAULTS, faults - FAULTS
     dm = model.diffusion_model
     p = dm.params
-    h, m = p.hidden_size, int(p.hidden_size * p.mlp_ratio)
+    h = p.hidden_size
     blocks: dict[str, torch.Tensor] = {}
     dense: dict[str, torch.Tensor] = {}
     expected: Dense = {}
@@ -336,24 +336,29 @@ def flux_checkpoint(model, path: str | Path, precision: str = "int4", rank: int 
         modulation(name("transformer_blocks", i, "norm1.linear"), f"{c}.img_mod.lin", 6)
         modulation(name("transformer_blocks", i, "norm1_context.linear"), f"{c}.txt_mod.lin", 6)
         for stream, suffix in (("img", ""), ("txt", "_context")):
-            weight, bias = get(f"{c}.{stream}_attn.qkv")
+            layer = f"{c}.{stream}"
+            weight, bias = get(f"{layer}_attn.qkv")
+            qkv = name("transformer_blocks", i, f"qkv_proj{suffix}")
             if "swap_qk" in faults:  # the file holds k ‖ q ‖ v; the layer it stands for is unchanged
-                w, b = linear(name("transformer_blocks", i, f"qkv_proj{suffix}"), *_qkv_swapped(weight, bias, h))
-                expected[f"{c}.{stream}_attn.qkv"] = _qkv_swapped(w, b, h)
+                w, b = linear(qkv, *_qkv_swapped(weight, bias, h))
+                expected[f"{layer}_attn.qkv"] = _qkv_swapped(w, b, h)
             else:
-                expected[f"{c}.{stream}_attn.qkv"] = linear(name("transformer_blocks", i, f"qkv_proj{suffix}"), weight, bias)
-            weight, bias = get(f"{c}.{stream}_attn.proj")
+                expected[f"{layer}_attn.qkv"] = linear(qkv, weight, bias)
+            weight, bias = get(f"{layer}_attn.proj")
             # deepcompressor fuses this smoothing into the attention's v rows: the file stores ones
             ones = torch.ones(h, dtype=dtype)
-            expected[f"{c}.{stream}_attn.proj"] = linear(name("transformer_blocks", i, f"out_proj{suffix}"), weight, bias, ones)
+            proj = name("transformer_blocks", i, f"out_proj{suffix}")
+            expected[f"{layer}_attn.proj"] = linear(proj, weight, bias, ones)
             mlp = "mlp_context" if suffix else "mlp"
-            expected[f"{c}.{stream}_mlp.0"] = linear(name("transformer_blocks", i, f"{mlp}_fc1"), *get(f"{c}.{stream}_mlp.0"))
-            expected[f"{c}.{stream}_mlp.2"] = linear(name("transformer_blocks", i, f"{mlp}_fc2"), *get(f"{c}.{stream}_mlp.2"),
-                                                     unsigned=True)
-        for comfy_name, local in (("img_attn.norm.query_norm.scale", "norm_q"), ("img_attn.norm.key_norm.scale", "norm_k"),
+            expected[f"{layer}_mlp.0"] = linear(name("transformer_blocks", i, f"{mlp}_fc1"), *get(f"{layer}_mlp.0"))
+            expected[f"{layer}_mlp.2"] = linear(name("transformer_blocks", i, f"{mlp}_fc2"), *get(f"{layer}_mlp.2"),
+                                                unsigned=True)
+        for comfy_name, local in (("img_attn.norm.query_norm.scale", "norm_q"),
+                                  ("img_attn.norm.key_norm.scale", "norm_k"),
                                   ("txt_attn.norm.query_norm.scale", "norm_added_q"),
                                   ("txt_attn.norm.key_norm.scale", "norm_added_k")):
-            blocks[f"{name('transformer_blocks', i, local)}.weight"] = dm.get_parameter(f"{c}.{comfy_name}").detach().to(dtype)
+            scale = dm.get_parameter(f"{c}.{comfy_name}").detach().to(dtype)
+            blocks[f"{name('transformer_blocks', i, local)}.weight"] = scale
     for i in range(p.depth_single_blocks):
         c = f"single_blocks.{i}"
         modulation(name("single_transformer_blocks", i, "norm.linear"), f"{c}.modulation.lin", 3)
@@ -370,11 +375,13 @@ def flux_checkpoint(model, path: str | Path, precision: str = "int4", rank: int 
         weight, bias = get(f"{c}.linear2")
         zeros = torch.zeros_like(bias)
         attn_bias, mlp_bias = (zeros, bias) if linear2_bias == "mlp" else (bias, zeros)
-        wa, ba = linear(name("single_transformer_blocks", i, "out_proj"), weight[:, :h], attn_bias, torch.ones(h, dtype=dtype))
+        wa, ba = linear(name("single_transformer_blocks", i, "out_proj"), weight[:, :h], attn_bias,
+                        torch.ones(h, dtype=dtype))
         wm, bm = linear(name("single_transformer_blocks", i, "mlp_fc2"), weight[:, h:], mlp_bias, unsigned=True)
         expected[f"{c}.linear2"] = (torch.cat([wa, wm], dim=1), ba + bm)
         for comfy_name, local in (("norm.query_norm.scale", "norm_q"), ("norm.key_norm.scale", "norm_k")):
-            blocks[f"{name('single_transformer_blocks', i, local)}.weight"] = dm.get_parameter(f"{c}.{comfy_name}").detach().to(dtype)
+            scale = dm.get_parameter(f"{c}.{comfy_name}").detach().to(dtype)
+            blocks[f"{name('single_transformer_blocks', i, local)}.weight"] = scale
     for file_name, comfy_name in FLUX_DENSE.items():
         if comfy_name.startswith("guidance_in") and not p.guidance_embed:
             continue
@@ -444,7 +451,8 @@ def sdxl_checkpoint(model, path: str | Path, unet_config: dict, precision: str =
     faults = frozenset(faults)
     assert faults <= FAULTS, faults - FAULTS
     dm = model.diffusion_model
-    to_file = {c: f for f, c in comfy.utils.unet_to_diffusers(unet_config).items() if not f.startswith("class_embedding.")}
+    to_file = {c: f for f, c in comfy.utils.unet_to_diffusers(unet_config).items()
+               if not f.startswith("class_embedding.")}
     tensors: dict[str, torch.Tensor] = {}
     expected: Dense = {}
     quantized: set[str] = set()
@@ -470,8 +478,8 @@ def sdxl_checkpoint(model, path: str | Path, unet_config: dict, precision: str =
         for local in ("attn1.to_out.0", "attn2.to_q", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"):
             layer = block.get_submodule(local)
             bias = None if layer.bias is None else layer.bias.detach().float()
-            layer_tensors, w, b = w4a4(layer.weight.detach().float(), bias, smoothing(layer.weight.detach().float(), dtype),
-                                       rank, precision, dtype, faults=faults)
+            weight = layer.weight.detach().float()
+            layer_tensors, w, b = w4a4(weight, bias, smoothing(weight, dtype), rank, precision, dtype, faults=faults)
             put(f"{file_block}.{local}", layer_tensors)
             expected[f"{comfy_block}.{local}"] = (w, b)
         quantized.update(f"{comfy_block}.attn1.to_{x}." for x in "qkv")

@@ -60,7 +60,8 @@ def test_fixture_and_core_pack_alike():
     assert torch.equal(nunchaku_fixture.pack_scales(scales), packing.pack_scales(scales))
     assert torch.equal(nunchaku_fixture.pack_vector(scales[:, 0]), packing.pack_vector(scales[:, 0]))
     fp8 = torch.rand(256, 24, generator=g).to(torch.float8_e4m3fn)
-    assert torch.equal(nunchaku_fixture.pack_fp8_scales(fp8).view(torch.uint8), packing.pack_fp8_scales(fp8).view(torch.uint8))
+    assert torch.equal(nunchaku_fixture.pack_fp8_scales(fp8).view(torch.uint8),
+                       packing.pack_fp8_scales(fp8).view(torch.uint8))
     down, up = torch.randn(32, 384, generator=g).bfloat16(), torch.randn(256, 32, generator=g).bfloat16()
     assert torch.equal(nunchaku_fixture.pack_down(down), packing.pack_down(down))
     assert torch.equal(nunchaku_fixture.pack_up(up), packing.pack_up(up))
@@ -284,8 +285,10 @@ def expected_layout(precision: str) -> dict[str, tuple[tuple[int, ...], str]]:
         out.update({f"single_transformer_blocks.{i}.{name}.weight": ((H // TINY_FLUX["num_heads"],), "BF16")
                     for name in SINGLE_NORMS})
     c, v, ctx = TINY_FLUX["in_channels"] * 4, TINY_FLUX["vec_in_dim"], TINY_FLUX["context_in_dim"]
-    shapes = {"x_embedder": (H, c), "context_embedder": (H, ctx), "time_text_embed.timestep_embedder.linear_1": (H, 256),
-              "time_text_embed.timestep_embedder.linear_2": (H, H), "time_text_embed.guidance_embedder.linear_1": (H, 256),
+    shapes = {"x_embedder": (H, c), "context_embedder": (H, ctx),
+              "time_text_embed.timestep_embedder.linear_1": (H, 256),
+              "time_text_embed.timestep_embedder.linear_2": (H, H),
+              "time_text_embed.guidance_embedder.linear_1": (H, 256),
               "time_text_embed.guidance_embedder.linear_2": (H, H), "time_text_embed.text_embedder.linear_1": (H, v),
               "time_text_embed.text_embedder.linear_2": (H, H), "norm_out.linear": (2 * H, H),
               "proj_out": (TINY_FLUX["out_channels"] * 4, H)}
@@ -309,7 +312,8 @@ def check_metadata(metadata: dict[str, str], precision: str) -> None:
     fmt = "fp4_e2m1_all" if fp4 else "int4"
     assert json.loads(metadata["quantization_config"]) == {
         "method": "svdquant", "rank": RANK,
-        "weight": {"dtype": fmt, "scale_dtype": [None, "fp8_e4m3_nan"] if fp4 else None, "group_size": 16 if fp4 else 64},
+        "weight": {"dtype": fmt, "scale_dtype": [None, "fp8_e4m3_nan"] if fp4 else None,
+                   "group_size": 16 if fp4 else 64},
         "activation": {"dtype": fmt, "scale_dtype": "fp8_e4m3_nan" if fp4 else None, "group_size": 16 if fp4 else 64}}
     config = json.loads(metadata["config"])
     assert config["_class_name"] == "FluxTransformer2DModel"

@@ -61,7 +61,8 @@ def test_fp8_scales_round_trip_and_lane_order():
     assert packed.dtype == torch.float8_e4m3fn and packed.shape == (32, 256)
     assert torch.equal(packing.unpack_fp8_scales(packed).view(torch.uint8), s.view(torch.uint8))
     rows = torch.arange(128).float()
-    s = rows.unsqueeze(1).expand(128, 4).contiguous().to(torch.float8_e4m3fn)  # row index as scale; the rows checked below are exact in FP8
+    # row index as scale; the rows checked below are exact in FP8
+    s = rows.unsqueeze(1).expand(128, 4).contiguous().to(torch.float8_e4m3fn)
     packed = packing.pack_fp8_scales(s).float().reshape(-1)
     # lane 0 reads rows 0, 32, 64, 96 (four groups each), lane 1 rows 8, 40, 72, 104
     assert packed[:16].tolist() == [0.0] * 4 + [32.0] * 4 + [64.0] * 4 + [96.0] * 4

@@ -512,9 +512,10 @@ def test_workflow_quantize_save_then_load_and_sample(pipeline):
     executor = execute(quantize_prompt("svdquant/flux1-dev-svdq"))
     assert executor.success, executor.status_messages
     assert saved_files(pipeline / "diffusion_models")[-1] == "svdquant/flux1-dev-svdq_00001_.safetensors"
+    saved = "svdquant/flux1-dev-svdq_00001_.safetensors"
     sampled = execute({
-        "1": {"class_type": "SVDQuantModelLoader", "inputs": {"model_name": "svdquant/flux1-dev-svdq_00001_.safetensors",
-                                                              "compute_dtype": "auto", "kernel_backend": "torch"}},
+        "1": {"class_type": "SVDQuantModelLoader", "inputs": {"model_name": saved, "compute_dtype": "auto",
+                                                              "kernel_backend": "torch"}},
         "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
                                                          "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "a boat on a lake"}},

@@ -56,6 +56,16 @@ def test_gptq_is_kept_only_when_it_helps():
     assert gptq.error <= rtn.error
 
 
+def test_gptq_needs_more_rows_than_input_channels(caplog):
+    x, w, b = outlier_layer(seed=1, rows=700)  # 512 sampled, 188 in the Hessian for 256 channels
+    stats = stats_of(x, hessian=True)
+    (rtn,) = quantize_linears([("layer", w, b)], stats, QuantizeConfig())
+    with caplog.at_level("INFO"):
+        (gptq,) = quantize_linears([("layer", w, b)], stats, QuantizeConfig(gptq=True))
+    assert not gptq.gptq and torch.equal(gptq.tensors["qweight"], rtn.tensors["qweight"])
+    assert "layer: GPTQ skipped (round-to-nearest kept): 188 calibration rows" in caplog.text
+
+
 def test_shared_smoothing_gives_one_smooth_factor_and_own_branches():
     x, w, b = outlier_layer(seed=2)
     stats = stats_of(x)
@@ -98,10 +108,12 @@ def test_stats_are_bounded_and_uniform():
     assert float(stats.absmax.max()) == 9.0
     values = stats.rows[:, 0]
     assert values.min() < 3 and values.max() > 6  # drawn from the whole stream, not the last batch
-    full = torch.cat(chunks)
-    torch.testing.assert_close(stats.hessian, full.T @ full)
-    shifted = full + 0.5
-    torch.testing.assert_close(stats.shifted_hessian(0.5), shifted.T @ shifted)
+    # the Hessian holds exactly the rows that are not in the sample
+    full, sample = torch.cat(chunks), stats.rows
+    assert stats.hessian_rows == 1000 - 64
+    torch.testing.assert_close(stats.hessian, full.T @ full - sample.T @ sample)
+    shifted, sample = full + 0.5, sample + 0.5
+    torch.testing.assert_close(stats.shifted_hessian(0.5), shifted.T @ shifted - sample.T @ sample)
     part = stats.narrow(2, 3)
     assert part.rows.shape == (64, 3) and part.hessian.shape == (3, 3)
 

@@ -6,7 +6,9 @@ The recipe, for the layers that read one input (they share λ):
 2. Low-rank branch: L = SVD_r(W·diag(λ)) in float64; then alternate L ← SVD_r(Ŵ − Q), Q ← RTN(Ŵ − L),
    keeping the best pair by output error and stopping at the first round that does not improve.
 3. Residual: round-to-nearest, or GPTQ with the scales fixed from RTN; GPTQ's result is kept only if
-   its output error is lower, so it is never worse than RTN.
+   its output error is lower on the sampled rows, which its Hessian does not contain (see
+   :mod:`.stats`), so it is never worse than RTN on inputs it was not fitted to. With fewer Hessian
+   rows than input channels the Hessian is singular and GPTQ is not tried.
 The error everywhere is ‖Y − XWᵀ‖² / ‖XWᵀ‖² on the calibration rows, Y being what the runtime
 computes (:meth:`W4A4Linear.reference_forward` is the same arithmetic).
 """
@@ -14,6 +16,7 @@ computes (:meth:`W4A4Linear.reference_forward` is the same arithmetic).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -29,6 +32,9 @@ from .formats import ResidualScales, residual_format
 from .gptq import gptq
 from .lowrank import branch_factors
 from .stats import InputStats
+
+log = logging.getLogger(__name__)
+_few_rows_noted = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,16 @@ class QuantizedLinear:
         )
         layer.load_state_dict(self.tensors, assign=True)
         return layer.to(device) if device is not None else layer
+
+
+def _note_few_rows(name: str, rows: int, channels: int) -> None:
+    """Say once per process, loudly, that GPTQ was skipped for want of calibration rows; then quietly."""
+    global _few_rows_noted
+    level = logging.INFO if _few_rows_noted else logging.WARNING
+    _few_rows_noted = True
+    log.log(level, "%s: GPTQ skipped (round-to-nearest kept): %d calibration rows beyond the sampled ones, fewer "
+            "than the layer's %d input channels. More prompts, steps or a larger calibration image give GPTQ "
+            "the rows it needs.", name, rows, channels)
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -247,8 +263,11 @@ def quantize_linears(
     if config.gptq:
         if stats.hessian is None:
             raise CalibrationError(f"{stats.name}: GPTQ needs Σxᵀx; gather statistics with hessian=True")
-        full = stats.shifted_hessian(int4.GELU_SHIFT if act_unsigned else 0.0).to(device)
-        hessian = packing.pad_to(full, (kp, kp))
+        if stats.hessian_rows >= k:
+            full = stats.shifted_hessian(int4.GELU_SHIFT if act_unsigned else 0.0).to(device)
+            hessian = packing.pad_to(full, (kp, kp))
+        else:
+            _note_few_rows(stats.name, stats.hessian_rows, k)
 
     results = []
     for layer in prepared:

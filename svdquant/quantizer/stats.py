@@ -2,8 +2,10 @@
 
 Per input channel the running min and max (smoothing needs the absmax, the GELU-shifted layers the
 max of ``x + shift``), a uniform sample of at most ``max_rows`` input rows (the smoothing search and
-low-rank iterations measure output error on it), and optionally ``Σ xᵀx`` for GPTQ. Memory is
-``O(max_rows·K + K²)`` however many tokens pass, so a 12B model's activations never pile up.
+low-rank iterations measure output error on it), and optionally ``Σ xᵀx`` for GPTQ over every row
+*not* in that sample: GPTQ fits its rounding to the Hessian's rows, so only rows it has not seen tell
+whether it helped. Memory is ``O(max_rows·K + K²)`` however many tokens pass, so a 12B model's
+activations never pile up.
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ class InputStats:
         self.rows = torch.empty((0, in_features), device=self.device)
         self._keys = torch.empty((0,), device=self.device)
         self.hessian = torch.zeros((in_features, in_features), device=self.device) if hessian else None
+        # Σ x and the number of rows over the Hessian's rows (those that left or never entered the sample)
         self.total = torch.zeros((in_features,), device=self.device)
+        self.hessian_rows = 0
         self.count = 0
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def update(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
-            raise CalibrationError(f"{self.name}: input has {x.shape[-1]} channels, the layer expects {self.in_features}")
+            raise CalibrationError(
+                f"{self.name}: input has {x.shape[-1]} channels, the layer expects {self.in_features}")
         x = x.detach().reshape(-1, self.in_features).to(self.device, torch.float32)
         if x.shape[0] == 0:
             return
@@ -51,25 +56,33 @@ class InputStats:
             )
         self.minimum = torch.minimum(self.minimum, x.amin(dim=0))
         self.maximum = torch.maximum(self.maximum, x.amax(dim=0))
-        if self.hessian is not None:
-            self.hessian.addmm_(x.T, x)
-        self.total += x.sum(dim=0)
         self.count += x.shape[0]
-        self._sample(x)
+        dropped = self._sample(x)
+        if self.hessian is not None and dropped.shape[0]:
+            self.hessian.addmm_(dropped.T, dropped)
+            self.total += dropped.sum(dim=0)
+            self.hessian_rows += dropped.shape[0]
 
-    def _sample(self, x: torch.Tensor) -> None:
+    def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        """Offer ``x`` to the sample; returns the rows not kept (refused now, or pushed out)."""
         # Priority sampling: every row gets a uniform random key and the max_rows largest keys are
         # kept, which is a uniform sample without replacement of all rows seen so far.
         keys = torch.rand(x.shape[0], generator=self._generator, device=self.device)
+        dropped = []
         if self._keys.numel() >= self.max_rows:
             keep = keys > self._keys.min()
+            dropped.append(x[~keep])
             x, keys = x[keep], keys[keep]
         keys = torch.cat([self._keys, keys])
         rows = torch.cat([self.rows, x])
         if keys.numel() > self.max_rows:
             top = torch.topk(keys, self.max_rows).indices
+            out = torch.ones(keys.numel(), dtype=torch.bool, device=self.device)
+            out[top] = False
+            dropped.append(rows[out])
             keys, rows = keys[top], rows[top]
         self._keys, self.rows = keys, rows
+        return torch.cat(dropped) if dropped else x[:0]
 
     @property
     def absmax(self) -> torch.Tensor:
@@ -79,14 +92,14 @@ class InputStats:
         return torch.maximum((self.maximum + shift).abs(), (self.minimum + shift).abs())
 
     def shifted_hessian(self, shift: float) -> torch.Tensor | None:
-        """Σ (x + shift)(x + shift)ᵀ, from Σ xxᵀ, Σ x and the row count."""
+        """Σ (x + shift)(x + shift)ᵀ over the Hessian's rows, from Σ xxᵀ, Σ x and their count."""
         if self.hessian is None or shift == 0:
             return self.hessian
         # in place on one copy: K is 12288 for FLUX.1's MLP down projections
         out = self.hessian.clone()
         out.add_(self.total[:, None], alpha=shift)
         out.add_(self.total[None, :], alpha=shift)
-        return out.add_(shift * shift * self.count)
+        return out.add_(shift * shift * self.hessian_rows)
 
     def require_data(self) -> None:
         if self.count == 0:
@@ -107,7 +120,7 @@ class InputStats:
         part.hessian = None
         if self.hessian is not None:
             part.hessian = self.hessian[start : start + length, start : start + length]
-        part.count = self.count
+        part.count, part.hessian_rows = self.count, self.hessian_rows
         part._generator = self._generator
         return part
 
