@@ -28,6 +28,10 @@ class Unit:
     define: str | None = None
 
     @property
+    def kernel_prefix(self) -> str:  # gemm_w4a4.cu defines svdq_gemm_*, quantize.cu svdq_quantize_*
+        return "svdq_" + Path(self.source).stem.split("_")[0]
+
+    @property
     def stem(self) -> str:  # e.g. gemm_w4a4-int4
         family = self.define.removeprefix("SVDQ_FAMILY_").lower() if self.define else ""
         return Path(self.source).stem + (f"-{family}" if family else "")

@@ -116,7 +116,9 @@ template <class T> DEVICE void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b
 //   Signed nibbles are moved to the high half of each byte (byte = 16·code, so no sign extension is
 //   needed); unsigned ones stay in the low half. Products therefore come out scaled by
 //   PSUM_UNIT = 256 (signed A) or 16 (unsigned A), an exact power of two divided out with the scales.
-#if __CUDA_ARCH__ >= 900
+//   SVDQ_EMULATED_S4 keeps the native 4-bit MMA on sm_90 too: only the GPU tests and the speed benchmark
+//   define it, to check that path on hardware and to show what the emulation costs.
+#if __CUDA_ARCH__ >= 900 && !defined(SVDQ_EMULATED_S4)
 #define SVDQ_S8_PATH 1
 #else
 #define SVDQ_S8_PATH 0

@@ -90,22 +90,35 @@ class Device:
             self.unsupported[family] = f"cannot load the {self.arch} cubins ({type(exc).__name__}: {exc})"
 
     def function(self, family: str, name: str):
+        """Kernel ``name`` of a loaded family, from the translation unit that defines it (svdq_quantize_*
+        in quantize.cu, svdq_gemm_* in gemm_w4a4.cu …), so no lookup ever fails at the driver."""
         fn = self._functions.get(name)
         if fn is None:
-            for module in self._modules[family]:
-                try:
-                    fn = module.get_function(name)
-                    break
-                except Exception:  # not in this translation unit
-                    continue
-            if fn is None:
-                raise Unavailable(f"kernel {name} is missing from the {family} cubins")
-            self._functions[name] = fn
+            units = build.FAMILIES[family]
+            index = next((i for i, unit in enumerate(units) if name.startswith(unit.kernel_prefix)), None)
+            if index is None:
+                raise Unavailable(f"kernel {name} is in none of the {family} sources")
+            fn = self._functions[name] = self._modules[family][index].get_function(name)
         return fn
 
+    def variant(self, unit: build.Unit, defines: list[str]):
+        """``unit`` built for this GPU with extra ``-D`` defines and loaded (not cached): a code path this
+        GPU would not pick, for the tests and benchmarks that compare the two. Returns the CuPy module."""
+        cupy = import_cupy()
+        options = build.options(unit, self.arch) + [f"-D{d}" for d in defines]
+        program = compiler().compile(build.unit_source(unit), unit.source, options, build.headers())
+        with cupy.cuda.Device(self.index):
+            module = cupy.cuda.function.Module()
+            module.load(program.cubin)
+        return module
+
     def launch(self, family: str, name: str, grid: tuple[int, int, int], block: int, args: list) -> None:
-        """Launch on torch's current stream of this device. ``args``: tensors (passed as device
-        pointers), None (a null pointer) and ints (int32)."""
+        """Launch a kernel of a loaded family on torch's current stream of this device."""
+        self.launch_function(self.function(family, name), grid, block, args)
+
+    def launch_function(self, function, grid: tuple[int, int, int], block: int, args: list) -> None:
+        """Launch a CuPy kernel function on torch's current stream of this device. ``args``: tensors
+        (passed as device pointers), None (a null pointer) and ints (int32)."""
         cupy = import_cupy()
         current = torch.cuda.current_stream(self.index)
         stream = self._streams.get(current.cuda_stream)
@@ -117,7 +130,7 @@ class Device:
         packed = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.uint64(0) if a is None
                        else np.int32(a) for a in args)
         with cupy.cuda.Device(self.index), stream:
-            self.function(family, name)(grid, (block, 1, 1), packed)
+            function(grid, (block, 1, 1), packed)
 
 
 _devices: dict[int, Device | Unavailable] = {}

@@ -16,6 +16,7 @@ fi
 python -m pip install -q -r requirements.txt -r requirements-test.txt
 if [ -n "${COMFYUI_PATH:-}" ]; then
     grep -vE '^(torch|torchvision|torchaudio)([<>=~ ].*)?$' "$COMFYUI_PATH/requirements.txt" > .venv/comfyui-requirements.txt
-    python -m pip install -q -r .venv/comfyui-requirements.txt
+    # requests: ComfyUI's server imports it (app/frontend_management.py) without listing it
+    python -m pip install -q -r .venv/comfyui-requirements.txt requests
 fi
 python -m pytest "$@"

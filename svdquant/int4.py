@@ -23,6 +23,14 @@ def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:
     return t.reshape(*t.shape[:-1], t.shape[-1] // group, group)
 
 
+def divide(values: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``values / divisor`` as one IEEE division on every device. PyTorch's CUDA kernels turn
+    ``tensor / number`` into a multiplication by the rounded reciprocal, off by one bit for some
+    values (seen on an H200: scales one ulp away from the CPU's and the kernels'); a 0-dim tensor on
+    the same device is divided properly."""
+    return values / torch.full((), divisor, dtype=values.dtype, device=values.device)
+
+
 def _divide_or_zero(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # An all-zero group has scale 0; its codes are 0 rather than NaN.
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -32,7 +40,7 @@ def _divide_or_zero(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def weight_scales(weight: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """Per row, per 64 input channels: ``absmax / 7`` in ``scale_dtype``. Shape (N, K/64)."""
     absmax = _grouped(weight.float(), GROUP).abs().amax(dim=-1)
-    return (absmax / 7).to(scale_dtype)
+    return divide(absmax, 7).to(scale_dtype)
 
 
 def quantize_weight_with_scales(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -66,10 +74,10 @@ def quantize_activations(
         xs = xs + GELU_SHIFT
     groups = _grouped(xs / smooth.float(), GROUP)
     if unsigned:
-        scales = groups.amax(dim=-1).clamp_min(0) / 15
+        scales = divide(groups.amax(dim=-1).clamp_min(0), 15)
         low, high = 0, 15
     else:
-        scales = groups.abs().amax(dim=-1) / 7
+        scales = divide(groups.abs().amax(dim=-1), 7)
         low, high = -8, 7
     codes = torch.round(_divide_or_zero(groups, scales.unsqueeze(-1))).clamp_(low, high)
     return codes.reshape(xs.shape).to(torch.int8), scales

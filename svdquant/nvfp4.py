@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .int4 import divide
+
 GROUP = 16
 FP8_MAX = 448.0
 E2M1_MAX = 6.0
@@ -108,7 +110,7 @@ def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
 def quantize_activations(x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) → uint8 codes (M, K) and fp8 scales (M, K/16)."""
     groups = _grouped(x.float() / smooth.float(), GROUP)
-    scales = to_fp8(groups.abs().amax(dim=-1) / E2M1_MAX)
+    scales = to_fp8(divide(groups.abs().amax(dim=-1), E2M1_MAX))
     codes = encode_e2m1(_divide_or_zero(groups, scales.float().unsqueeze(-1)))
     return codes.reshape(x.shape), scales
 

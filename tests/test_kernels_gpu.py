@@ -16,7 +16,7 @@ from test_kernels_emulated import check_kernel1
 from test_layers import random_w4a4
 
 from comfyui_svdquant import kernels
-from comfyui_svdquant.kernels import backend, runtime
+from comfyui_svdquant.kernels import backend, build, runtime
 from comfyui_svdquant.svdquant.quantizer import quantize_w4a16
 
 if not torch.cuda.is_available():
@@ -113,6 +113,31 @@ def test_w4a4_through_the_dispatcher():
     y = layer(x)
     assert y.shape == (2, 333, 3072)
     assert torch.equal(y.reshape(-1, 3072), backend.w4a4(layer, x.reshape(-1, 3072)))
+
+
+# --- the sm_80/86/89 code path, on Hopper and newer ---
+
+
+@functools.cache
+def _native_s4_gemm():
+    """Kernel 2 with the native m16n8k64 4-bit MMA (SVDQ_EMULATED_S4), which sm_90+ emulates."""
+    return runtime.probe(DEVICE.index).variant(build.FAMILIES["int4"][1], ["SVDQ_EMULATED_S4"])
+
+
+@pytest.mark.skipif(CAPABILITY[0] < 9, reason="this GPU runs the native 4-bit MMA path in the tests above")
+@pytest.mark.parametrize("mode", ["int4", "uint4"])
+@pytest.mark.parametrize("k,n", [(3072, 3072), (15360, 3072), (3000, 3001)])
+def test_native_int4_mma_path_gives_the_same_bits(k, n, mode):
+    """The RTX 30/40 path (one m16n8k64 per fragment) on this GPU's emulation of that instruction gives
+    exactly the bits of the s8 path: its fragment layout checked on hardware, not only in the emulator."""
+    layer = _layer(k, n, 32, mode, torch.bfloat16)
+    x = _input(333, k, mode, torch.bfloat16, seed=5)
+    y, ((quantize, *launch1), (gemm, *launch2)) = backend.plan_w4a4(layer, x)
+    device = runtime.probe(DEVICE.index)
+    y.fill_(float("nan"))
+    device.launch("int4", quantize, *launch1)
+    device.launch_function(_native_s4_gemm().get_function(gemm), *launch2)
+    assert torch.equal(y, _run("w4a4", layer, x))
 
 
 # --- kernel 1's codes, scales and branch input, bit for bit (decoded as in the emulated tests) ---

@@ -1,16 +1,22 @@
 """Speed of the fused SVDQuant kernels per layer shape, on this machine's GPU.
 
 For every FLUX.1 and SDXL linear shape, the time and effective TOPS (2·M·N·K / time) of
-  fused      the W4A4 layer on the CUDA kernels (quantize + branch-down, 4-bit GEMM + branch-up + bias)
+  fused      the W4A4 layer on the CUDA kernels (kernel 1: quantize + branch-down; kernel 2: 4-bit GEMM
+             + branch-up + bias), and kernel 1's share of that time
   16-bit     torch F.linear with a dense 16-bit weight of the same shape (bf16 or fp16, as --dtype)
   reference  the layer's PyTorch reference path (what runs without the kernels)
   w4a16      a weight-only baseline: unpack the 4-bit weight to 16 bits with torch ops, then F.linear
+  fp8        what FP8 users run on sm_89+: per-row FP8 weights, activations quantized per row on the
+             fly with torch ops, torch._scaled_mm (activation quantization included in the time)
+  emulated   on sm_90+ only: the same fused layer with the sm_80 kernel's native 4-bit MMA, which
+             these GPUs emulate (what an INT4 engine without a Hopper path runs there)
 and the relative error of the fused output against the reference path. Then the AdaLN modulation
 GEMV (W4A16, M = batch) against F.linear and the reference path. Prints markdown tables with the
 device, the date and the versions. Weights are random (speed does not depend on their values).
 
-    python benchmarks/kernels.py                                   # INT4, bf16, FLUX and SDXL
-    python benchmarks/kernels.py --precision nvfp4 --dtype float16 --shapes flux
+    python benchmarks/kernel_speed.py                                # INT4, bf16, FLUX and SDXL
+    python benchmarks/kernel_speed.py --precision nvfp4 --dtype float16 --shapes flux
+    python benchmarks/kernel_speed.py --shapes flux --tokens 512     # every FLUX shape at M = 512
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from install import load_pack  # noqa: E402  (the pack imported as a package, as
 pack = load_pack()
 layers = importlib.import_module(f"{pack.__name__}.svdquant.layers")
 kernels = importlib.import_module(f"{pack.__name__}.kernels")
+backend = importlib.import_module(f"{pack.__name__}.kernels.backend")
+build = importlib.import_module(f"{pack.__name__}.kernels.build")
+runtime = importlib.import_module(f"{pack.__name__}.kernels.runtime")
 
 # (name, K, N, M): FLUX.1 at 1024² (4096 image + 512 text tokens), SDXL at 1024² (4096 / 1024 tokens).
 FLUX = [("double qkv", 3072, 9216, 4096), ("double qkv (text)", 3072, 9216, 512), ("double proj", 3072, 3072, 4096),
@@ -79,6 +88,36 @@ def dequantize_then_matmul(packed: torch.Tensor, scales: torch.Tensor):
     return run
 
 
+def fp8_rowwise(weight: torch.Tensor):
+    """FP8 E4M3 with a scale per weight row and per activation row (quantized on each call)."""
+    w_scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448
+    w8 = (weight / w_scale).to(torch.float8_e4m3fn)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x_scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448
+        x8 = (x / x_scale).to(torch.float8_e4m3fn)
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=x.dtype)
+
+    return run
+
+
+def emulated_int4_gemm(device):
+    """Kernel 2 built with the native 4-bit MMA (SVDQ_EMULATED_S4) for this GPU: name → function."""
+    return device.variant(build.FAMILIES["int4"][1], ["SVDQ_EMULATED_S4"]).get_function
+
+
+def with_emulated_gemm(device, get_function, layer, x: torch.Tensor):
+    """The fused layer with kernel 1 as usual and kernel 2 from ``get_function``."""
+    (quantize, *launch1), (gemm, *launch2) = backend.plan_w4a4(layer, x)[1]
+    gemm_fn = get_function(gemm)
+
+    def run() -> None:
+        device.launch(layer.precision, quantize, *launch1)
+        device.launch_function(gemm_fn, *launch2)
+
+    return run
+
+
 def milliseconds(fn, iters: int) -> float:
     """Median of ``iters`` CUDA-event timings after warm-up."""
     for _ in range(3):
@@ -99,7 +138,7 @@ def tops(flops: float, ms: float) -> str:
 
 
 def w4a4_row(name: str, k: int, n: int, m: int, precision: str, dtype: torch.dtype, rank: int, iters: int,
-             device) -> str:
+             device, emulated) -> str:
     layer = random_w4a4(k, n, rank, precision, dtype, device)
     x = torch.randn(m, k, device=device, dtype=dtype)
     dense = torch.randn(n, k, device=device, dtype=dtype) * 0.02
@@ -107,13 +146,25 @@ def w4a4_row(name: str, k: int, n: int, m: int, precision: str, dtype: torch.dty
                                       torch.rand(n, k // 64, device=device, dtype=dtype) * 0.02)
     flops = 2.0 * m * n * k
     fused = milliseconds(lambda: layer(x), iters)
+    gpu = runtime.probe(device.index)
+    (quantize, *launch1), _ = backend.plan_w4a4(layer, x)[1]
+    kernel1 = milliseconds(lambda: gpu.launch(precision, quantize, *launch1), iters)
     sixteen = milliseconds(lambda: F.linear(x, dense), iters)
     reference = milliseconds(lambda: layer.reference_forward(x), max(3, iters // 10))
     w4a16 = milliseconds(lambda: baseline(x), iters)
+    cells = [f"{fused:.3f}", f"{kernel1:.3f}", tops(flops, fused), f"{sixteen:.3f}", tops(flops, sixteen),
+             f"{sixteen / fused:.2f}x"]
+    if torch.cuda.get_device_capability(device) >= (8, 9):
+        if dtype == torch.bfloat16:  # row-wise _scaled_mm writes bf16 only
+            fp8 = fp8_rowwise(dense)
+            cells.append(f"{milliseconds(lambda: fp8(x), iters):.3f}")
+        else:
+            cells.append("n/a")
+    if emulated is not None:
+        cells.append(f"{milliseconds(with_emulated_gemm(*emulated, layer, x), iters):.3f}")
     ref = layer.reference_forward(x).double()
     error = float((layer(x).double() - ref).norm() / ref.norm())
-    return (f"| {name} | {m} | {k} | {n} | {fused:.3f} | {tops(flops, fused)} | {sixteen:.3f} | {tops(flops, sixteen)} "
-            f"| {sixteen / fused:.2f}x | {reference:.2f} | {w4a16:.3f} | {error:.1e} |")
+    return f"| {name} | {m} | {k} | {n} | {' | '.join(cells)} | {reference:.2f} | {w4a16:.3f} | {error:.1e} |"
 
 
 def w4a16_row(name: str, layer, dense: torch.Tensor, m: int, iters: int) -> str:
@@ -131,12 +182,21 @@ def w4a16_row(name: str, layer, dense: torch.Tensor, m: int, iters: int) -> str:
 
 def bench(shapes, precision: str, dtype: torch.dtype, rank: int, iters: int, device) -> None:
     dtype_name = str(dtype).replace("torch.", "")
+    capability = torch.cuda.get_device_capability(device)
+    columns = ["fused ms", "of which kernel 1 ms", "fused TOPS", "16-bit ms", "16-bit TFLOPS", "speed-up"]
+    if capability >= (8, 9):
+        columns.append("FP8 row-wise ms")
+    emulated = None
+    if capability[0] >= 9 and precision == "int4":
+        gpu = runtime.probe(device.index)
+        emulated = (gpu, emulated_int4_gemm(gpu))
+        columns.append("emulated INT4 ms")
+    columns += ["reference ms", "W4A16 ms", "rel. error"]
     print(f"\n### W4A4 {precision}, rank {rank}, {dtype_name}\n")
-    print("| layer | M | K | N | fused ms | fused TOPS | 16-bit ms | 16-bit TFLOPS | speed-up | reference ms "
-          "| W4A16 ms | rel. error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| layer | M | K | N | {' | '.join(columns)} |")
+    print("|---" * (4 + len(columns)) + "|")
     for name, k, n, m in shapes:
-        print(w4a4_row(name, k, n, m, precision, dtype, rank, iters, device), flush=True)
+        print(w4a4_row(name, k, n, m, precision, dtype, rank, iters, device, emulated), flush=True)
         torch.cuda.empty_cache()
     print(f"\n### W4A16 modulation GEMV, {dtype_name}\n")
     print("| layer | M | K | N | fused µs | fused GB/s (weights) | 16-bit µs | reference µs | rel. error |")
@@ -154,6 +214,7 @@ def main() -> None:
     parser.add_argument("--shapes", choices=["flux", "sdxl", "all"], default="all")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--tokens", type=int, help="run every shape at this M instead of its 1024² token count")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA GPU: this benchmark times the CUDA kernels")
@@ -167,6 +228,9 @@ def main() -> None:
     print("TOPS = 2·M·N·K / time (the low-rank branch's extra work is not counted); W4A16 = torch-op dequantize "
           "+ F.linear (a fused weight-only kernel would be faster).")
     shapes = {"flux": FLUX, "sdxl": SDXL, "all": FLUX + SDXL}[args.shapes]
+    if args.tokens:
+        shapes = [(name.removesuffix(" (text)"), k, n, args.tokens) for name, k, n, _ in shapes]
+        shapes = list(dict.fromkeys(shapes))
     with torch.inference_mode():
         bench(shapes, args.precision, dtype, args.rank, args.iters, device)
 

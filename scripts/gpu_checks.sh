@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything that needs an NVIDIA GPU, in one run: the kernel correctness tests, the same kernels under
+# compute-sanitizer (memcheck with torch's caching allocator off, so every buffer is its own allocation;
+# racecheck on one layer), and the kernel benchmark tables. Logs and tables go to ${OUT:-out/gpu}.
+#
+#     scripts/gpu_checks.sh            # uses python3; PYTHON=... to choose another interpreter
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
+step device
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+"$PY" -c "import torch, cupy; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '· cupy', cupy.__version__)" \
+    | tee -a "$OUT/device.txt"
+
+step "kernel tests"
+timeout 240 "$PY" -m pytest -q -rs tests/test_kernels_gpu.py 2>&1 \
+    | tee "$OUT/tests.log"
+
+step "benchmark: INT4 bf16, FLUX.1 and SDXL shapes at 1024²"
+timeout 150 "$PY" benchmarks/kernel_speed.py --iters 20 2>&1 | tee "$OUT/kernels-int4-bf16.md"
+
+step "benchmark: FLUX.1 shapes at M = 512"
+timeout 60 "$PY" benchmarks/kernel_speed.py --shapes flux --tokens 512 --iters 20 2>&1 | tee "$OUT/kernels-int4-bf16-m512.md"
+
+step "benchmark: INT4 fp16, FLUX.1 shapes"
+timeout 60 "$PY" benchmarks/kernel_speed.py --shapes flux --dtype float16 --iters 20 2>&1 | tee "$OUT/kernels-int4-fp16.md"
+
+step "compute-sanitizer memcheck"
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$PY" -m pytest -q tests/test_kernels_gpu.py \
+    -k "test_quantize_is_bit_exact or test_w4a4_unpadded_features or (test_w4a16_matches_reference and 3000)" 2>&1 \
+    > "$OUT/memcheck.log"
+grep -E "^=========|passed|failed" "$OUT/memcheck.log" | head -60
+
+step "compute-sanitizer racecheck"
+timeout 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    "$PY" -m pytest -q tests/test_kernels_gpu.py -k "test_quantize_is_bit_exact and int4 and not uint4" 2>&1 \
+    > "$OUT/racecheck.log"
+grep -E "^=========|passed|failed" "$OUT/racecheck.log" | head -60
+step done
