@@ -67,7 +67,6 @@ class Device:
         """Compile (or take from the disk cache) and load a family; on failure record why."""
         if family in self._modules or family in self.unsupported:
             return
-        cupy = import_cupy()
         try:
             paths = build.build_family(family, self.arch, compiler())
         except nvrtc.NvrtcError as exc:
@@ -79,13 +78,7 @@ class Device:
                                         "SVDQUANT_KERNEL_CACHE to a writable folder")
             return
         try:  # load now (cuModuleLoadData), so that a driver too old for the cubins is found here
-            with cupy.cuda.Device(self.index):
-                modules = []
-                for path in paths:
-                    module = cupy.cuda.function.Module()
-                    module.load(path.read_bytes())
-                    modules.append(module)
-            self._modules[family] = modules
+            self._modules[family] = [self._load_cubin(path.read_bytes()) for path in paths]
         except Exception as exc:  # a driver too old for the cubin, a broken CuPy install …
             self.unsupported[family] = f"cannot load the {self.arch} cubins ({type(exc).__name__}: {exc})"
 
@@ -104,12 +97,15 @@ class Device:
     def variant(self, unit: build.Unit, defines: list[str]):
         """``unit`` built for this GPU with extra ``-D`` defines and loaded (not cached): a code path this
         GPU would not pick, for the tests and benchmarks that compare the two. Returns the CuPy module."""
-        cupy = import_cupy()
         options = build.options(unit, self.arch) + [f"-D{d}" for d in defines]
-        program = compiler().compile(build.unit_source(unit), unit.source, options, build.headers())
+        return self._load_cubin(compiler().compile(build.unit_source(unit), unit.source, options,
+                                                   build.headers()).cubin)
+
+    def _load_cubin(self, cubin: bytes):
+        cupy = import_cupy()
         with cupy.cuda.Device(self.index):
             module = cupy.cuda.function.Module()
-            module.load(program.cubin)
+            module.load(cubin)
         return module
 
     def launch(self, family: str, name: str, grid: tuple[int, int, int], block: int, args: list) -> None:
