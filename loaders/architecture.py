@@ -85,10 +85,18 @@ class Architecture(Protocol):
         """True if the checkpoint holds this family."""
 
     def unet_config(self, reader: CheckpointReader) -> dict:
-        """ComfyUI's unet_config for the checkpoint (from its metadata, else from tensor shapes)."""
+        """The config the checkpoint describes (from its tensors, its metadata where they cannot tell):
+        enough to name and shape its tensors in ComfyUI's terms, and a hint to :meth:`fit_config`."""
 
-    def model_config(self, unet_config: dict):
-        """A ComfyUI ``supported_models`` instance for ``unet_config``."""
+    def fit_config(self, detected: dict, shapes: dict, hint: dict) -> dict:
+        """ComfyUI's detected unet_config with the fields that ``shapes`` (ComfyUI key → meta tensor) decide
+        and this ComfyUI version's detection does not read set from them."""
+
+    def accepts(self, config_class: type) -> bool:
+        """Whether a ComfyUI ``supported_models`` class that matched is of this family."""
+
+    def config_class(self, unet_config: dict) -> type:
+        """The ``supported_models`` class for a config ComfyUI's table does not match (small models)."""
 
     def blocks(self, unet_config: dict) -> list[Block]:
         """Every quantized layer, grouped by block, in forward order."""

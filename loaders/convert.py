@@ -3,7 +3,6 @@ assembled from the quantized layers and the source model's 16-bit tensors (share
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 
@@ -13,10 +12,9 @@ from torch import nn
 from ..svdquant.errors import SVDQuantError
 from ..svdquant.layer_io import cast_16bit
 from ..svdquant.quantizer.model import BlockPlan, Group, Target
-from . import parts
+from . import detection, parts
 from .architecture import Architecture, Block, QuantizedLayer, all_layers
-from .load import architecture_of
-from .ops import SVDQuantOps
+from .load import architecture_of, build_config
 from .parts import InterleavedOutput
 
 
@@ -113,12 +111,14 @@ def assemble(source_model, modules: dict[str, nn.Module], dtype: torch.dtype | N
     dtype = dtype or next(iter(modules.values())).wscales.dtype
     if dtype not in (torch.bfloat16, torch.float16):
         dtype = torch.bfloat16
-    # The source's own model config and type, so sampling settings (v-prediction, shift) carry over.
-    model_config = copy.copy(source_model.model_config)
-    model_config.unet_config = dict(model_config.unet_config)
-    model_config.custom_operations = SVDQuantOps
-    model_config.set_inference_dtype(dtype, None)
-    model = type(source_model)(model_config, model_type=source_model.model_type)
+    # ComfyUI's detection over the source's own tensors gives the config; what the source's loader settled
+    # beyond its tensors (model type, sampling settings such as v-prediction or shift, latent format) carries over.
+    source_config = source_model.model_config
+    shapes = detection.meta_shapes(source_model.diffusion_model.state_dict())
+    model_config = detection.model_config(architecture, shapes, hint=unet_config)
+    model_config.sampling_settings = dict(source_config.sampling_settings)
+    model_config.latent_format = source_config.latent_format
+    model = type(source_model)(build_config(model_config, dtype), model_type=source_model.model_type)
     kept = []
     for layer in all_layers(architecture.blocks(unet_config)):
         if layer.module in keep:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..svdquant.checkpoint import CheckpointReader, QuantizationInfo
-from ..svdquant.errors import CheckpointError
+from ..svdquant.errors import CheckpointError, SVDQuantError
 from .architecture import Block, Part, QuantizedLayer
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,13 @@ class FluxArchitecture:
         return False
 
     def unet_config(self, reader: CheckpointReader) -> dict:
+        """The config the file's tensors (and, for the rotary axes, its metadata) describe: enough to name and
+        shape its tensors; ComfyUI's detection then gives the running version's config (:mod:`.detection`)."""
         comfy_config = reader.json("comfy_config", required=False)
         if not (comfy_config and isinstance(comfy_config.get("model_config"), dict)):
             return self._config_from_shapes(reader)
-        config = dict(comfy_config["model_config"])
+        config = comfy_config["model_config"]
         shapes = self._config_from_shapes(reader, config.get("axes_dim"))
-        config.pop("disable_unet_model_creation", None)
         if config.get("image_model") != "flux":
             raise CheckpointError(reader.path,
                                   f"comfy_config describes a {config.get('image_model')!r} model, not FLUX")
@@ -105,12 +106,11 @@ class FluxArchitecture:
             if config.get(key) != shapes[key]:
                 log.warning("SVDQuant: %s: comfy_config says %s = %r, the tensors say %r; using the tensors",
                             reader.path, key, config.get(key), shapes[key])
-                config[key] = shapes[key]
         for key in ("hidden_size", "depth", "depth_single_blocks"):
             if config.get(key) != shapes[key]:
                 raise CheckpointError(reader.path, f"comfy_config says {key} = {config.get(key)!r}, but the tensors "
                                       f"hold a model with {key} = {shapes[key]}")
-        return config
+        return shapes
 
     def _config_from_shapes(self, reader: CheckpointReader, axes: list[int] | None = None) -> dict:
         diffusers = reader.json("config", required=False) or {}
@@ -147,14 +147,49 @@ class FluxArchitecture:
             "guidance_embed": "time_text_embed.guidance_embedder.linear_1.weight" in reader,
         }
 
-    def model_config(self, unet_config: dict):
-        if unet_config.get("in_channels") == 96:
-            cls = comfy.supported_models.FluxInpaint
-        elif unet_config.get("guidance_embed", True):
-            cls = comfy.supported_models.Flux
+    def fit_config(self, detected: dict, shapes: dict, hint: dict) -> dict:
+        """ComfyUI's detected config with every field the tensors decide set from them: v0.3.x fixes FLUX's
+        widths (hidden 3072, text 4096, 24 heads), newer versions its head size (128) and MLP ratio. The
+        rotary axes come from ``hint`` where the detected ones do not add up to the head size."""
+        hidden, in_features = shapes["img_in.weight"].shape
+        depth = _count_keys(shapes, "double_blocks.{}.img_attn.qkv.weight")
+        depth_single = _count_keys(shapes, "single_blocks.{}.linear1.weight")
+        if depth:
+            head = shapes["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+            mlp = shapes["double_blocks.0.img_mlp.0.weight"].shape[0]
         else:
-            cls = comfy.supported_models.FluxSchnell
-        return cls(dict(unet_config))
+            head = shapes["single_blocks.0.norm.query_norm.scale"].shape[0]
+            mlp = shapes["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden
+        axes = list(detected.get("axes_dim") or [])
+        if sum(axes) != head:
+            axes = list(hint.get("axes_dim") or [])
+        if sum(axes) != head:
+            raise SVDQuantError(f"cannot tell the rotary axes of a FLUX model with head size {head}")
+        tensors = {
+            "in_channels": in_features // PATCH**2,
+            "out_channels": shapes["final_layer.linear.weight"].shape[0] // PATCH**2,
+            "vec_in_dim": shapes["vector_in.in_layer.weight"].shape[1],
+            "context_in_dim": shapes["txt_in.weight"].shape[1],
+            "hidden_size": hidden, "mlp_ratio": mlp / hidden, "num_heads": hidden // head, "axes_dim": axes,
+            "depth": depth, "depth_single_blocks": depth_single,
+            "qkv_bias": depth == 0 or "double_blocks.0.img_attn.qkv.bias" in shapes,
+            "guidance_embed": "guidance_in.in_layer.weight" in shapes,
+        }
+        for key, value in tensors.items():
+            if detected.get(key) != value:
+                log.debug("SVDQuant: ComfyUI's detection says %s = %r, the tensors %r", key, detected.get(key), value)
+                detected[key] = value
+        return detected
+
+    def accepts(self, config_class: type) -> bool:
+        return issubclass(config_class, comfy.supported_models.Flux)
+
+    def config_class(self, unet_config: dict) -> type:
+        if unet_config.get("in_channels") == 96:
+            return comfy.supported_models.FluxInpaint
+        if unet_config.get("guidance_embed", True):
+            return comfy.supported_models.Flux
+        return comfy.supported_models.FluxSchnell
 
     def blocks(self, unet_config: dict) -> list[Block]:
         h = unet_config["hidden_size"]
@@ -277,6 +312,13 @@ def _stored(reader: CheckpointReader, prefix: str) -> str | None:
         if key in reader:
             return key
     return None
+
+
+def _count_keys(keys, pattern: str) -> int:
+    n = 0
+    while pattern.format(n) in keys:
+        n += 1
+    return n
 
 
 def _count(reader: CheckpointReader, prefix_pattern: str) -> int:

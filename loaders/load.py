@@ -19,8 +19,9 @@ from ..kernels import enable as enable_kernels
 from ..svdquant.checkpoint import CheckpointReader
 from ..svdquant.errors import CheckpointError, SVDQuantError
 from ..svdquant.layer_io import cast_16bit
-from . import dense_layers, parts
+from . import dense_layers, detection, parts
 from .architecture import Architecture, all_layers
+from .compat import check_version
 from .flux import FluxArchitecture
 from .ops import SVDQuantOps
 from .patcher import SVDQuantModelPatcher
@@ -68,12 +69,26 @@ def resolve_dtype(choice: str, file_dtype: torch.dtype, device: torch.device) ->
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def build_model(architecture: Architecture, unet_config: dict, dtype: torch.dtype):
-    """An empty ComfyUI model (BaseModel) of this family whose Linears are SVDQuant operations."""
-    model_config = architecture.model_config(unet_config)
+def checkpoint_shapes(architecture: Architecture, reader: CheckpointReader, unet_config: dict) -> dict:
+    """The diffusion model's parameters as ComfyUI names them, shapes only (meta tensors): 16-bit tensors as
+    the file stores them, each quantized Linear at its logical (out, in) shape."""
+    def meta(shape) -> torch.Tensor:
+        return torch.empty(tuple(shape), device="meta")
+
+    shapes = {comfy_key: meta(reader.shape(file_key))
+              for comfy_key, file_key in architecture.dense_key_map(unet_config).items() if file_key in reader}
+    for layer in all_layers(architecture.blocks(unet_config)):
+        shapes[f"{layer.module}.weight"] = meta((layer.out_features, layer.in_features))
+        if all(p.has_bias and not p.rows and f"{p.prefix}.bias" in reader for p in layer.parts):
+            shapes[f"{layer.module}.bias"] = meta((layer.out_features,))
+    return shapes
+
+
+def build_config(model_config, dtype: torch.dtype):
+    """``model_config`` set to build its model (``get_model``) in ``dtype`` with SVDQuant operations."""
     model_config.set_inference_dtype(dtype, None)
     model_config.custom_operations = SVDQuantOps
-    return model_config.get_model({})
+    return model_config
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend: str = "auto",
@@ -81,12 +96,16 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend
     """Load an SVDQuant FLUX/SDXL checkpoint (file or folder) as a ComfyUI MODEL.
 
     ``progress(done, total)`` is called after each quantized layer is read."""
+    check_version()
     enable_kernels(kernel_backend)  # first, so that a 'cuda' request that cannot be met fails before any reading
     load_device = comfy.model_management.get_torch_device()
     with CheckpointReader(path) as reader:
         info = reader.quantization()
         architecture = detect(reader)
-        unet_config = architecture.unet_config(reader)
+        described = architecture.unet_config(reader)
+        model_config = detection.model_config(architecture, checkpoint_shapes(architecture, reader, described),
+                                              hint=described)
+        unet_config = dict(model_config.unet_config)  # before get_model adds the dtype and operations
         layers = all_layers(architecture.blocks(unet_config))
         kept = {layer.module: dense_layers.read_dense(reader, layer) for layer in layers}
         quantized = [layer for layer in layers if kept[layer.module] is None]
@@ -94,7 +113,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend
         if file_dtype not in (torch.bfloat16, torch.float16):
             file_dtype = torch.bfloat16  # NVFP4 scales are fp8; the branch and bias dtype decides below
         compute_dtype = resolve_dtype(dtype, file_dtype, load_device)
-        model = build_model(architecture, unet_config, compute_dtype)
+        model = build_config(model_config, compute_dtype).get_model({})
         diffusion_model = model.diffusion_model
         consumed: set[str] = set()
         dense = {}

@@ -87,6 +87,20 @@ def branch_buffers(op: nn.Module, patches: list) -> dict[int, dict[str, torch.Te
     return out
 
 
+def branch_bytes(op: nn.Module, added: int) -> int:
+    """Bytes by which :func:`branch_buffers` grows ``op``'s low-rank branch for ``added`` more ranks over the
+    whole layer (W4A4 ranks padded to the packing's tile, as stored)."""
+    total = 0
+    for leaf in _leaves(op.quantized):
+        m = leaf.module
+        if isinstance(m, W4A4Linear):
+            grown = packing.round_up(m.rank + added, packing.RANK_TILE) - m.rank
+            total += (m.proj_down.shape[0] + m.proj_up.shape[0]) * grown * m.proj_down.element_size()
+        else:
+            total += (m.in_features + m.wscales.shape[1]) * added * m.wscales.element_size()
+    return total
+
+
 def _leaves(module: nn.Module, row: int = 0, col: int = 0) -> list[_Leaf]:
     if isinstance(module, (W4A4Linear, W4A16Linear)):
         return [_Leaf(module, row, col)]
@@ -146,9 +160,10 @@ def _absorbed(body: nn.Module, leaves: list[_Leaf], steps: list[tuple[tuple, _Pa
     is left to absorb."""
     weight = body.to_dense()[0].to(device, torch.float32)  # transient: dropped before the SVDs
     reference = weight.clone()
+    kinds = []
     for patch, pair in steps:
         if pair is None:
-            _log_approximation(patch, rank)
+            kinds.append(_describe(patch))
             weight = comfy.lora.calculate_weight([patch], weight, "SVDQuant layer")
             continue
         change = pair.up @ pair.down
@@ -156,7 +171,7 @@ def _absorbed(body: nn.Module, leaves: list[_Leaf], steps: list[tuple[tuple, _Pa
             target[pair.row:pair.row + change.shape[0], pair.col:pair.col + change.shape[1]] += change
     change = weight - reference
     del weight, reference
-    out = []
+    out, lost = [], 0.0
     for leaf in leaves:
         block = change[leaf.row:leaf.row + leaf.rows, leaf.col:leaf.col + leaf.cols]
         if not block.any():
@@ -164,6 +179,9 @@ def _absorbed(body: nn.Module, leaves: list[_Leaf], steps: list[tuple[tuple, _Pa
         u, s, vh = top_singular(block, min(rank, *block.shape))
         root = s.sqrt()
         out.append(_Pair(u * root, root[:, None] * vh, leaf.row, leaf.col))
+        total = float(block.square().sum())
+        lost = max(lost, max(0.0, total - float(s.square().sum())) ** 0.5 / total**0.5)
+    _log_approximation(kinds, rank, lost)
     return out
 
 
@@ -184,13 +202,16 @@ def _describe(patch: tuple) -> str:
     return "full weight differences"
 
 
-def _log_approximation(patch: tuple, rank: int) -> None:
-    kind = _describe(patch)
-    if kind not in _approximations_logged:
-        _approximations_logged.add(kind)
-        log.info("SVDQuant: %s on 4-bit layers is applied as a rank-%d approximation (truncated SVD of its "
-                 "change); LoRA pairs are exact. Raise the LoRA stack's adapter SVD rank for a closer match.",
-                 kind, rank)
+def _log_approximation(kinds: list[str], rank: int, lost: float) -> None:
+    """Once per kind of patch at INFO, every layer at DEBUG: ``lost`` is the share (relative norm) of the
+    change that the rank-``rank`` truncation leaves out."""
+    log.debug("SVDQuant: %s absorbed at rank %d; %.1f%% of the change left out", ", ".join(kinds), rank, 100 * lost)
+    for kind in dict.fromkeys(kinds):
+        if kind not in _approximations_logged:
+            _approximations_logged.add(kind)
+            log.info("SVDQuant: %s on 4-bit layers is applied as a rank-%d approximation (truncated SVD of its "
+                     "change; %.1f%% of the change left out in the first layer); LoRA pairs are exact. Raise the "
+                     "LoRA stack's adapter SVD rank for a closer match.", kind, rank, 100 * lost)
 
 
 def _cut(pair: _Pair, leaf: _Leaf) -> _Pair | None:

@@ -7,36 +7,29 @@ assigned) and becomes an SVDQuant layer when the loader hands it a quantized bod
 packs see the model they expect.
 
 A quantized op keeps ComfyUI's contract:
-- ``weight`` is a Parameter, so LoRA key maps find ``<layer>.weight`` and the ModelPatcher routes
-  patches to it. Its value is a few bytes describing the layer; the packed tensors live in
-  ``quantized`` and count in ``state_dict`` (so the memory estimates are the true packed sizes).
+- ``weight`` is a Parameter of the layer's logical shape and compute dtype (:class:`.weight.PackedWeight`, a
+  view of the packed body), so LoRA key maps, shape checks, model merging and hook LoRAs see a Linear; the
+  packed tensors live in ``quantized`` and count in ``state_dict`` (the memory estimates are the packed sizes).
 - ``comfy_cast_weights`` (low-VRAM mode) streams the packed tensors to the input's device per call.
-- LoRA patches extend the low-rank branch (see :mod:`.lora`): from ``weight_function`` when ComfyUI
-  runs the layer in low-VRAM mode, else from the patches the SVDQuant ModelPatcher assigned.
+- Weight patches extend the low-rank branch (see :mod:`.lora`): the patches ComfyUI attaches to a streamed
+  layer, else those the SVDQuant ModelPatcher assigned, plus the hook patches of the current sampling step.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 
-import comfy.model_patcher
 import comfy.ops
 import torch
 from torch import nn
 
 from ..svdquant.errors import SVDQuantError
 from ..svdquant.layers import W4A4Linear
-from .parts import quantized_modules
+from .compat import lowvram_patch
+from .weight import PackedWeight
 
 log = logging.getLogger(__name__)
-
-
-def _descriptor(body: nn.Module) -> torch.Tensor:
-    leaves = [f"{type(m).__name__}({m.extra_repr()})" for m in quantized_modules(body)]
-    text = json.dumps({"format": "svdquant", "layers": leaves})
-    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
 
 
 def _moved(module: nn.Module, device: torch.device, replace: dict[int, dict[str, torch.Tensor]]) -> nn.Module:
@@ -62,6 +55,7 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
                 self.bias = nn.Parameter(torch.empty(out_features, device="meta", dtype=dtype), requires_grad=False)
             self.quantized: nn.Module | None = None
             self.lora_patches: list | None = None  # set by SVDQuantModelPatcher.patch_weight_to_device
+            self.hook_patches: list | None = None  # set by SVDQuantModelPatcher.patch_hook_weight_to_device
             self._branch_cache: tuple | None = None
             self.lora_adapter_rank = 64
 
@@ -71,7 +65,7 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
                 raise SVDQuantError(f"quantized layer is {body.in_features}→{body.out_features}, the model's "
                                     f"Linear is {self.in_features}→{self.out_features}")
             self.quantized = body
-            self.weight = nn.Parameter(_descriptor(body), requires_grad=False)
+            self.weight = nn.Parameter(PackedWeight(body, self.weight.dtype, _device_of(body)), requires_grad=False)
             self.bias = None
             self.clear_lora()
 
@@ -79,8 +73,12 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
             self.lora_patches = patches
             self._branch_cache = None
 
+        def set_hook_patches(self, patches: list | None) -> None:
+            self.hook_patches = patches
+
         def clear_lora(self) -> None:
             self.set_lora(None)
+            self.set_hook_patches(None)
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
@@ -102,14 +100,14 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
                     continue
                 setattr(self, name, nn.Parameter(value.to(current.dtype), requires_grad=False))
 
-        def _active_patches(self) -> list | None:
-            for f in self.weight_function:
-                if isinstance(f, comfy.model_patcher.LowVramPatch):
-                    return f.patches[f.key]
-            if self.weight_function and not getattr(self, "_warned_wrapper", False):
+        def _active_patches(self) -> list:
+            streamed = lowvram_patch(self)
+            wrappers = [f for f in self.weight_function if f is not streamed]
+            if wrappers and not getattr(self, "_warned_wrapper", False):
                 self._warned_wrapper = True
                 log.warning("SVDQuant: a weight wrapper on a quantized layer cannot change 4-bit weights; ignored")
-            return self.lora_patches or None
+            patches = streamed.patches[streamed.key] if streamed is not None else self.lora_patches
+            return [*(patches or ()), *(self.hook_patches or ())]
 
         def _branches(self, patches: list) -> dict[int, dict[str, torch.Tensor]]:
             from .lora import branch_buffers  # imported late: only LoRA users need it

@@ -58,12 +58,16 @@ class SDXLArchitecture:
         raise CheckpointError(reader.path, "an SDXL checkpoint needs the metadata entry 'config' (the diffusers "
                               "UNet2DConditionModel config) to tell its shape")
 
-    def model_config(self, unet_config: dict):
-        model_config = comfy.supported_models.SDXL(dict(unet_config))
-        # ComfyUI's SDXL class fixes 64-channel heads; keep the file's (test models are narrower).
-        model_config.unet_config.update(num_heads=-1,
-                                        num_head_channels=unet_config.get("num_head_channels", HEAD_CHANNELS))
-        return model_config
+    def fit_config(self, detected: dict, shapes: dict, hint: dict) -> dict:
+        # ComfyUI's UNet detection reads every SDXL field from the tensors; the heads are 64 wide in every
+        # version (the SDXL class's own setting).
+        return detected
+
+    def accepts(self, config_class: type) -> bool:
+        return issubclass(config_class, comfy.supported_models.SDXL)
+
+    def config_class(self, unet_config: dict) -> type:
+        return comfy.supported_models.SDXL
 
     def blocks(self, unet_config: dict) -> list[Block]:
         out = []

@@ -52,6 +52,7 @@ def comfy():
 
     comfy.cli_args.args.cpu = True
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+    import utils.extra_config  # noqa: F401  (as main.py does first: later, nodes.py puts comfy/ ahead on sys.path)
     import nodes
 
     if "KSampler" in nodes.NODE_CLASS_MAPPINGS and "FluxGuidance" not in nodes.NODE_CLASS_MAPPINGS:
@@ -87,3 +88,14 @@ def model_folders(comfy, tmp_path):
     yield folders
     folder_paths.folder_names_and_paths.update(saved)
     folder_paths.filename_list_cache.clear()
+
+
+def prompt_executor(server):
+    """ComfyUI's PromptExecutor as main.py makes it in the running version (v0.8 added cache_args)."""
+    import inspect
+
+    import execution
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_args={"lru": 0, "ram": 16.0, "ram_inactive": 16.0})
+    return execution.PromptExecutor(server)

@@ -20,7 +20,7 @@ def dequantized(model):
 
     from comfyui_svdquant.loaders.ops import quantized_ops
 
-    clone = copy.deepcopy(model)
+    clone = copy.deepcopy(model, {id(model.model_config): model.model_config})  # ComfyUI's config is shared, not copied
     for name, op in quantized_ops(clone.diffusion_model):
         weight, bias = op.quantized.to_dense()
         linear = torch.nn.Linear(op.in_features, op.out_features, bias=bias is not None, dtype=torch.bfloat16)

@@ -23,6 +23,7 @@ import safetensors.torch
 import torch
 
 from tiny_models import TINY_FLUX, TINY_SDXL, flux_inputs, quantize, relative_error, sdxl_inputs, tiny_flux, tiny_sdxl
+from conftest import prompt_executor
 
 H = TINY_FLUX["hidden_size"]
 M = int(H * TINY_FLUX["mlp_ratio"])
@@ -63,7 +64,7 @@ def dequantize(model):
     """The same model in fp32 with each quantized layer replaced by its dense equivalent."""
     from comfyui_svdquant.loaders.ops import quantized_ops
 
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model, {id(model.model_config): model.model_config})  # ComfyUI's config is shared, not copied
     for name, op in quantized_ops(model.diffusion_model):
         weight, bias = op.quantized.to_dense()
         linear = torch.nn.Linear(op.in_features, op.out_features, bias=bias is not None)
@@ -375,9 +376,10 @@ def test_low_vram_mode_gives_the_same_result(patchers, model_folders):
         assert any(isinstance(f, comfy.model_patcher.LowVramPatch) for op in ops for f in op.weight_function)
         assert all(op.lora_patches is None for op in ops)  # the patches come from weight_function
         assert torch.equal(run(branch, bf16), full)
-    # Loaded normally, then partly unloaded: the unloaded layers switch to weight_function patches.
+    # Loaded normally, then unloaded (ComfyUI picks which layers, by a cost that differs between versions):
+    # the unloaded layers switch to weight_function patches.
     with patched(branch):
-        branch.partially_unload(torch.device("cpu"), memory_to_free=branch.model_size() // 2)
+        branch.partially_unload(torch.device("cpu"), memory_to_free=1 << 60)
         assert any(op.weight_function for _, op in quantized_ops(branch.model.diffusion_model))
         assert torch.equal(run(branch, bf16), full)
 
@@ -579,7 +581,7 @@ def test_a_foreign_lora_fails_the_prompt_with_the_packs_message(patchers, model_
         def send_sync(self, *args, **kwargs):
             pass
 
-    executor = execution.PromptExecutor(Server())
+    executor = prompt_executor(Server())
     executor.execute(prompt(name), "p", {}, outputs)
     assert not executor.success
     failure = [data for event, data in executor.status_messages if event == "execution_error"][0]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tiny_models import init_weights, tiny_flux, tiny_sdxl
+from conftest import prompt_executor
 
 SIZE, STEPS = 64, 3
 # ComfyUI's SDXL conditions on the pooled text vector followed by six 256-wide size embeddings
@@ -172,22 +173,47 @@ def test_weight_patches_on_the_model_are_baked_in(comfy):
     assert not quantized.patches
 
 
+def scaled_fp8_flux(dense) -> tuple:
+    """``dense`` written as a scaled-fp8 FLUX file (fp8 Linear weights × a per-layer ``scale_weight``, the
+    ``scaled_fp8`` marker) and loaded by ComfyUI's own loader, as UNETLoader does: ComfyUI v0.3.x runs it
+    with its scaled-fp8 operations, newer versions convert it to their mixed-precision QuantizedTensor.
+    Returns the loaded MODEL and the weights it stores, dequantized, by layer name."""
+    import comfy.sd
+
+    from tiny_pipeline import install_size_inference
+
+    sd, true_weights = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
+    for name, p in dense.diffusion_model.state_dict().items():
+        if name.endswith(".weight") and p.ndim == 2 and "_blocks." in name:
+            scale = p.float().abs().max() / 448 * 4  # coarse on purpose: a missed scale is 4× off or worse
+            sd[name] = (p.float() / scale).to(torch.float8_e4m3fn)
+            sd[name.replace(".weight", ".scale_weight")] = scale
+            true_weights[name[: -len(".weight")]] = sd[name].float() * scale
+        else:
+            sd[name] = p
+    undo = install_size_inference()  # v0.3.x sizes FLUX from fixed widths
+    try:
+        model = comfy.sd.load_diffusion_model_state_dict(sd)
+    finally:
+        undo()
+    return model, true_weights
+
+
 def test_runtime_weight_reads_scaled_fp8_and_low_vram_patches(comfy):
     import comfy.model_patcher
     import comfy.ops
 
     from comfyui_svdquant.loaders.quantize import runtime_weight
+    from tiny_pipeline import dense_flux
 
-    ops = comfy.ops.scaled_fp8_ops(override_dtype=torch.float8_e4m3fn)
-    linear = ops.Linear(32, 16, bias=True, dtype=torch.bfloat16)
+    fp8, true_weights = scaled_fp8_flux(dense_flux(3, depth=1, depth_single_blocks=1))
     g = torch.Generator().manual_seed(0)
-    linear.weight = torch.nn.Parameter((torch.randn(16, 32, generator=g)).to(torch.float8_e4m3fn), requires_grad=False)
-    linear.bias = torch.nn.Parameter(torch.randn(16, generator=g).bfloat16(), requires_grad=False)
-    linear.scale_weight = torch.nn.Parameter(torch.tensor(0.01), requires_grad=False)
-    weight, bias = runtime_weight(linear, torch.device("cpu"))
-    assert torch.equal(weight, linear.weight.float() * 0.01)
-    x = torch.randn(3, 32, generator=g).bfloat16()
-    assert torch.allclose(x.float() @ weight.T + bias, linear(x).float(), rtol=0.02, atol=0.02)
+    for name in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear2"):
+        linear = fp8.model.diffusion_model.get_submodule(name)
+        weight, bias = runtime_weight(linear, torch.device("cpu"))
+        assert torch.equal(weight, true_weights[name]), name
+        x = torch.randn(3, linear.in_features, generator=g).bfloat16()
+        assert torch.allclose(x.float() @ weight.T + bias, linear(x).float(), rtol=0.02, atol=0.02)
 
     # low-VRAM mode: the LoRA patch is applied at run time through weight_function
     plain = comfy.ops.manual_cast.Linear(32, 16, bias=False, dtype=torch.bfloat16)
@@ -200,30 +226,12 @@ def test_runtime_weight_reads_scaled_fp8_and_low_vram_patches(comfy):
 
 
 def test_fp8_scaled_model_quantizes_to_its_true_weights(comfy):
-    """A scaled-fp8 FLUX (ComfyUI's scaled_fp8 ops: fp8 weight × scale_weight) quantizes to a model close to
-    what the fp8 model computes, i.e. the scales are honoured."""
-    import comfy.model_patcher
-    import comfy.supported_models
+    """A scaled-fp8 FLUX (fp8 weight × scale_weight, as ComfyUI loads it) quantizes to a model close to what
+    the fp8 model computes, i.e. the scales are honoured."""
+    from tiny_models import relative_error
+    from tiny_pipeline import dense_flux
 
-    from tiny_models import TINY_FLUX, relative_error
-
-    config = dict(TINY_FLUX, depth=1, depth_single_blocks=1)
-    dense = tiny_flux(4, depth=1, depth_single_blocks=1)
-    model_config = comfy.supported_models.Flux(config)
-    model_config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
-    model_config.scaled_fp8 = torch.float8_e4m3fn
-    fp8 = model_config.get_model({})
-    sd = {}
-    for name, p in dense.diffusion_model.state_dict().items():
-        module = fp8.diffusion_model.get_submodule(name.rpartition(".")[0])
-        if name.endswith(".weight") and hasattr(module, "scale_weight"):
-            scale = p.float().abs().max() / 448 * 4  # coarse on purpose: a missed scale is 4× off or worse
-            sd[name] = (p.float() / scale).to(torch.float8_e4m3fn)
-            sd[name.replace(".weight", ".scale_weight")] = scale
-        else:
-            sd[name] = p
-    fp8.diffusion_model.load_state_dict(sd)
-    source = comfy.model_patcher.ModelPatcher(fp8, torch.device("cpu"), torch.device("cpu"))
+    source, _ = scaled_fp8_flux(dense_flux(4, depth=1, depth_single_blocks=1))
     quantized = quantize(source)
     reference = sample(source, conditioning(5))
     assert relative_error(sample(quantized, conditioning(5)), reference) < 0.1
@@ -486,7 +494,7 @@ def execute(prompt: dict):
 
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("p", prompt, None))
     assert valid, (error, node_errors)
-    executor = execution.PromptExecutor(_Server())
+    executor = prompt_executor(_Server())
     executor.execute(prompt, "p", {}, outputs)
     return executor
 

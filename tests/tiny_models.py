@@ -26,17 +26,64 @@ def init_weights(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides):
-    """A dense ComfyUI FLUX BaseModel (``comfy.ldm.flux.model.Flux`` inside) at a small width."""
-    import comfy.supported_models
+def flux_shapes(config: dict) -> dict[str, torch.Tensor]:
+    """The parameters of a FLUX.1 file in ComfyUI's names (the layout every ComfyUI version loads), shapes
+    only, for the dimensions in ``config``."""
+    h, heads = config["hidden_size"], config["num_heads"]
+    m, head = int(h * config["mlp_ratio"]), h // heads
+    shapes = {"img_in": (h, config["in_channels"] * 4), "time_in.in_layer": (h, 256), "time_in.out_layer": (h, h),
+              "vector_in.in_layer": (h, config["vec_in_dim"]), "vector_in.out_layer": (h, h),
+              "txt_in": (h, config["context_in_dim"]), "final_layer.linear": (config["out_channels"] * 4, h),
+              "final_layer.adaLN_modulation.1": (2 * h, h)}
+    if config["guidance_embed"]:
+        shapes.update({"guidance_in.in_layer": (h, 256), "guidance_in.out_layer": (h, h)})
+    for i in range(config["depth"]):
+        for s in ("img", "txt"):
+            shapes.update({f"double_blocks.{i}.{s}_mod.lin": (6 * h, h), f"double_blocks.{i}.{s}_attn.qkv": (3 * h, h),
+                           f"double_blocks.{i}.{s}_attn.proj": (h, h), f"double_blocks.{i}.{s}_mlp.0": (m, h),
+                           f"double_blocks.{i}.{s}_mlp.2": (h, m)})
+    for i in range(config["depth_single_blocks"]):
+        shapes.update({f"single_blocks.{i}.modulation.lin": (3 * h, h), f"single_blocks.{i}.linear1": (3 * h + m, h),
+                       f"single_blocks.{i}.linear2": (h, h + m)})
+    out = {}
+    for name, shape in shapes.items():
+        out[f"{name}.weight"] = torch.empty(shape, device="meta")
+        if not name.endswith("qkv") or config["qkv_bias"]:
+            out[f"{name}.bias"] = torch.empty(shape[0], device="meta")
+    norms = [f"double_blocks.{i}.{s}_attn.norm" for i in range(config["depth"]) for s in ("img", "txt")]
+    norms += [f"single_blocks.{i}.norm" for i in range(config["depth_single_blocks"])]
+    out.update({f"{n}.{q}_norm.scale": torch.empty(head, device="meta") for n in norms for q in ("query", "key")})
+    return out
 
-    config = dict(TINY_FLUX, **overrides)
-    cls = comfy.supported_models.Flux if config["guidance_embed"] else comfy.supported_models.FluxSchnell
-    model_config = cls(config)
+
+def sdxl_shapes(config: dict) -> dict[str, torch.Tensor]:
+    """The parameters of an SDXL-class UNet in ComfyUI's names, shapes only: ComfyUI's own UNetModel built
+    on the meta device (its constructor arguments are the same in every supported ComfyUI version)."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**dict(config, num_heads=-1), device="meta", operations=comfy.ops.disable_weight_init)
+    return dict(unet.state_dict())
+
+
+def comfy_model(architecture, shapes: dict, dtype: torch.dtype, seed: int, hint: dict | None = None):
+    """A dense ComfyUI BaseModel for ``shapes``, its config derived by ComfyUI's detection as the pack does
+    for a file, with deterministic random weights."""
+    from comfyui_svdquant.loaders import detection
+
+    model_config = detection.model_config(architecture, shapes, hint)
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     init_weights(model.diffusion_model, seed)
     return model
+
+
+def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides):
+    """A dense ComfyUI FLUX BaseModel (``comfy.ldm.flux.model.Flux`` inside) at a small width."""
+    from comfyui_svdquant.loaders.flux import FluxArchitecture
+
+    config = dict(TINY_FLUX, **overrides)
+    return comfy_model(FluxArchitecture(), flux_shapes(config), dtype, seed, hint=config)
 
 
 def flux_inputs(seed: int, config: dict | None = None, batch: int = 1, size: int = 16, tokens: int = 8,
@@ -94,8 +141,8 @@ def mapping_errors(model, expected: dict) -> dict[str, float]:
 
 # An SDXL-class UNet (ComfyUI's supported_models.SDXL, openaimodel.UNetModel) at a small width. Level 1
 # is 64 channels wide, so its linears are padded to 128 as SDXL's 320-wide ones would be; SDXL's
-# heads are 64 wide at every level. ComfyUI's SDXL detection matches only the real shape, hence the
-# explicit config.
+# heads are 64 wide at every level. ComfyUI's table of models matches only the real SDXL shape, so the
+# config ComfyUI detects builds the SDXL class the pack falls back to (loaders/detection.py).
 TINY_SDXL = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
     "num_classes": "sequential", "adm_in_channels": 32, "in_channels": 4, "model_channels": 32,
@@ -107,12 +154,9 @@ TINY_SDXL = {
 
 def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides):
     """A dense ComfyUI SDXL BaseModel (``UNetModel`` inside) at a small width."""
-    import comfy.supported_models
+    from comfyui_svdquant.loaders.sdxl import SDXLArchitecture
 
-    model_config = comfy.supported_models.SDXL(dict(TINY_SDXL, **overrides))
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({})
-    init_weights(model.diffusion_model, seed)
+    model = comfy_model(SDXLArchitecture(), sdxl_shapes(dict(TINY_SDXL, **overrides)), dtype, seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # norms near identity, as trained ones are
         for module in model.diffusion_model.modules():

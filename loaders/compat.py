@@ -1,0 +1,52 @@
+"""Where ComfyUI versions differ, in one place (supported: v0.3.64 through v0.33; docs/COMPATIBILITY.md).
+
+Everything else in the pack uses ComfyUI's interfaces that are the same in every supported version.
+"""
+
+from __future__ import annotations
+
+import comfy.model_patcher
+
+from ..svdquant.errors import SVDQuantError
+
+# The oldest ComfyUI the pack runs on: V3 nodes (comfy_api.latest) and the weight adapters it reads.
+MINIMUM = (0, 3, 64)
+
+
+def version() -> tuple[int, ...] | None:
+    """The running ComfyUI's version, or None where it cannot be read (a tree without comfyui_version.py)."""
+    try:
+        from comfyui_version import __version__
+    except ImportError:
+        return None
+    try:
+        return tuple(int(p) for p in __version__.split(".")[:3])
+    except ValueError:
+        return None
+
+
+def check_version() -> None:
+    """A clear message, not a traceback deep in the loader, on a ComfyUI older than :data:`MINIMUM`."""
+    found = version()
+    if found is not None and found < MINIMUM:
+        raise SVDQuantError(f"this pack needs ComfyUI {'.'.join(map(str, MINIMUM))} or newer; this is "
+                            f"{'.'.join(map(str, found))}. Update ComfyUI (git pull, or the ComfyUI Manager).")
+    try:
+        import comfy.weight_adapter  # noqa: F401  (added in v0.3.3x: the LoRA adapters the pack reads)
+        from comfy_api.latest import io  # noqa: F401
+    except ImportError as exc:
+        raise SVDQuantError(f"this ComfyUI lacks {exc.name}, which the pack needs: update ComfyUI to "
+                            f"{'.'.join(map(str, MINIMUM))} or newer") from None
+
+
+def lowvram_patch(op) -> comfy.model_patcher.LowVramPatch | None:
+    """The patches ComfyUI attached to a layer it streams: in ``weight_function`` (classic low-VRAM mode)
+    or, with dynamic VRAM (v0.33+), in ``weight_lowvram_function``."""
+    dynamic = getattr(op, "weight_lowvram_function", None)
+    if isinstance(dynamic, comfy.model_patcher.LowVramPatch):
+        return dynamic
+    for f in op.weight_function:
+        if isinstance(f, comfy.model_patcher.LowVramPatch):
+            return f
+    return None
+
