@@ -5,7 +5,11 @@ Everything else in the pack uses ComfyUI's interfaces that are the same in every
 
 from __future__ import annotations
 
+import functools
+
+import comfy.ldm.flux.layers
 import comfy.model_patcher
+import comfy.ops
 
 from ..svdquant.errors import SVDQuantError
 
@@ -50,3 +54,11 @@ def lowvram_patch(op) -> comfy.model_patcher.LowVramPatch | None:
             return f
     return None
 
+
+
+@functools.cache
+def flux_norm_leaf() -> str:
+    """The parameter name of FLUX's q/k RMSNorm in this ComfyUI: ``scale`` up to v0.3.x, ``weight`` from the
+    version whose RMSNorm is torch's (files keep ``scale``; ComfyUI renames it at load)."""
+    norm = comfy.ldm.flux.layers.QKNorm(8, device="meta", operations=comfy.ops.disable_weight_init)
+    return next(name for name, _ in norm.named_parameters()).rpartition(".")[2]

@@ -35,6 +35,7 @@ from torch import nn
 from ..svdquant.checkpoint import CheckpointReader, QuantizationInfo
 from ..svdquant.errors import CheckpointError, SVDQuantError
 from .architecture import Block, Part, QuantizedLayer
+from .compat import flux_norm_leaf
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,10 @@ PYTHON_DOUBLE = {
 PYTHON_SINGLE = {"qkv_proj": "attn.to_qkv", "out_proj": "attn.to_out", "norm_q": "attn.norm_q", "norm_k": "attn.norm_k"}
 
 # 16-bit norms inside the blocks: ComfyUI name → C++ local name.
-_DOUBLE_NORMS = {"img_attn.norm.query_norm.scale": "norm_q", "img_attn.norm.key_norm.scale": "norm_k",
-                 "txt_attn.norm.query_norm.scale": "norm_added_q", "txt_attn.norm.key_norm.scale": "norm_added_k"}
-_SINGLE_NORMS = {"norm.query_norm.scale": "norm_q", "norm.key_norm.scale": "norm_k"}
+# (the leaf is this ComfyUI's parameter name: compat.flux_norm_leaf)
+_DOUBLE_NORMS = {"img_attn.norm.query_norm": "norm_q", "img_attn.norm.key_norm": "norm_k",
+                 "txt_attn.norm.query_norm": "norm_added_q", "txt_attn.norm.key_norm": "norm_added_k"}
+_SINGLE_NORMS = {"norm.query_norm": "norm_q", "norm.key_norm": "norm_k"}
 
 PATCH = 2  # ComfyUI's FLUX patchifies 2×2; the diffusers embedder reads the 4·C packed channels
 
@@ -154,11 +156,11 @@ class FluxArchitecture:
         hidden, in_features = shapes["img_in.weight"].shape
         depth = _count_keys(shapes, "double_blocks.{}.img_attn.qkv.weight")
         depth_single = _count_keys(shapes, "single_blocks.{}.linear1.weight")
+        norm = "double_blocks.0.img_attn.norm.query_norm" if depth else "single_blocks.0.norm.query_norm"
+        head = next(shapes[f"{norm}.{leaf}"].shape[0] for leaf in ("scale", "weight") if f"{norm}.{leaf}" in shapes)
         if depth:
-            head = shapes["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
             mlp = shapes["double_blocks.0.img_mlp.0.weight"].shape[0]
         else:
-            head = shapes["single_blocks.0.norm.query_norm.scale"].shape[0]
             mlp = shapes["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden
         axes = list(detected.get("axes_dim") or [])
         if sum(axes) != head:
@@ -243,10 +245,13 @@ class FluxArchitecture:
             out[comfy_key] = file_key
         if not unet_config.get("guidance_embed", True):
             out = {k: v for k, v in out.items() if not k.startswith("guidance_in.")}
+        leaf = flux_norm_leaf()
         for i in range(unet_config["depth"]):
-            out.update({f"double_blocks.{i}.{k}": f"{self.double(i, v)}.weight" for k, v in _DOUBLE_NORMS.items()})
+            out.update({f"double_blocks.{i}.{k}.{leaf}": f"{self.double(i, v)}.weight"
+                        for k, v in _DOUBLE_NORMS.items()})
         for i in range(unet_config["depth_single_blocks"]):
-            out.update({f"single_blocks.{i}.{k}": f"{self.single(i, v)}.weight" for k, v in _SINGLE_NORMS.items()})
+            out.update({f"single_blocks.{i}.{k}.{leaf}": f"{self.single(i, v)}.weight"
+                        for k, v in _SINGLE_NORMS.items()})
         return out
 
     def convert_dense(self, comfy_key: str, tensor: torch.Tensor, to_file: bool) -> torch.Tensor:

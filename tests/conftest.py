@@ -52,8 +52,8 @@ def comfy():
 
     comfy.cli_args.args.cpu = True
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
-    import utils.extra_config  # noqa: F401  (as main.py does first: later, nodes.py puts comfy/ ahead on sys.path)
     import nodes
+    import utils.extra_config  # noqa: F401  (as main.py does first: later, nodes.py puts comfy/ ahead on sys.path)
 
     if "KSampler" in nodes.NODE_CLASS_MAPPINGS and "FluxGuidance" not in nodes.NODE_CLASS_MAPPINGS:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))

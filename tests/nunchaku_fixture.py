@@ -353,11 +353,11 @@ def flux_checkpoint(model, path: str | Path, precision: str = "int4", rank: int 
             expected[f"{layer}_mlp.0"] = linear(name("transformer_blocks", i, f"{mlp}_fc1"), *get(f"{layer}_mlp.0"))
             expected[f"{layer}_mlp.2"] = linear(name("transformer_blocks", i, f"{mlp}_fc2"), *get(f"{layer}_mlp.2"),
                                                 unsigned=True)
-        for comfy_name, local in (("img_attn.norm.query_norm.scale", "norm_q"),
-                                  ("img_attn.norm.key_norm.scale", "norm_k"),
-                                  ("txt_attn.norm.query_norm.scale", "norm_added_q"),
-                                  ("txt_attn.norm.key_norm.scale", "norm_added_k")):
-            scale = dm.get_parameter(f"{c}.{comfy_name}").detach().to(dtype)
+        for comfy_name, local in (("img_attn.norm.query_norm", "norm_q"),
+                                  ("img_attn.norm.key_norm", "norm_k"),
+                                  ("txt_attn.norm.query_norm", "norm_added_q"),
+                                  ("txt_attn.norm.key_norm", "norm_added_k")):
+            scale = _norm_scale(dm, f"{c}.{comfy_name}").to(dtype)
             blocks[f"{name('transformer_blocks', i, local)}.weight"] = scale
     for i in range(p.depth_single_blocks):
         c = f"single_blocks.{i}"
@@ -379,8 +379,8 @@ def flux_checkpoint(model, path: str | Path, precision: str = "int4", rank: int 
                         torch.ones(h, dtype=dtype))
         wm, bm = linear(name("single_transformer_blocks", i, "mlp_fc2"), weight[:, h:], mlp_bias, unsigned=True)
         expected[f"{c}.linear2"] = (torch.cat([wa, wm], dim=1), ba + bm)
-        for comfy_name, local in (("norm.query_norm.scale", "norm_q"), ("norm.key_norm.scale", "norm_k")):
-            scale = dm.get_parameter(f"{c}.{comfy_name}").detach().to(dtype)
+        for comfy_name, local in (("norm.query_norm", "norm_q"), ("norm.key_norm", "norm_k")):
+            scale = _norm_scale(dm, f"{c}.{comfy_name}").to(dtype)
             blocks[f"{name('single_transformer_blocks', i, local)}.weight"] = scale
     for file_name, comfy_name in FLUX_DENSE.items():
         if comfy_name.startswith("guidance_in") and not p.guidance_embed:
@@ -493,3 +493,9 @@ def sdxl_checkpoint(model, path: str | Path, unet_config: dict, precision: str =
                 "quantization_config": quantization_config(precision, rank)}
     save_file(tensors, str(path), metadata=metadata)
     return expected
+
+
+def _norm_scale(dm, path: str) -> torch.Tensor:
+    """A FLUX q/k RMSNorm's scale: ``scale`` in ComfyUI up to v0.3.x, ``weight`` (torch's RMSNorm) later."""
+    norm = dm.get_submodule(path)
+    return (norm.scale if hasattr(norm, "scale") else norm.weight).detach()

@@ -21,9 +21,9 @@ import logging
 import pytest
 import safetensors.torch
 import torch
+from conftest import prompt_executor
 
 from tiny_models import TINY_FLUX, TINY_SDXL, flux_inputs, quantize, relative_error, sdxl_inputs, tiny_flux, tiny_sdxl
-from conftest import prompt_executor
 
 H = TINY_FLUX["hidden_size"]
 M = int(H * TINY_FLUX["mlp_ratio"])

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
+from conftest import prompt_executor
 
 from tiny_models import init_weights, tiny_flux, tiny_sdxl
-from conftest import prompt_executor
 
 SIZE, STEPS = 64, 3
 # ComfyUI's SDXL conditions on the pooled text vector followed by six 256-wide size embeddings

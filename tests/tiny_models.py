@@ -17,7 +17,7 @@ def init_weights(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name.endswith("scale"):
+            if name.endswith(("scale", "norm.weight")):  # FLUX's q/k norms ("weight" in newer ComfyUI)
                 p.fill_(1.0)
             elif p.ndim >= 2:
                 fan_in = p[0].numel()
