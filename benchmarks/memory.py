@@ -136,7 +136,7 @@ def measure(path: Path, how: str) -> dict:
                                                          model_options={"dtype": torch.bfloat16})
     seconds = time.perf_counter() - start
     with torch.no_grad():  # every weight read once, as the first forward (or the move to the GPU) does
-        checksum = sum(float(t.float().sum()) for t in model.model.state_dict().values() if t.numel())
+        checksum = sum(float(t.float().sum()) for t in model.model.state_dict().values() if t.nbytes)  # stored bytes
     gc.collect()
     after = memory()
     return {"loader": how, "file_bytes": path.stat().st_size, "seconds": seconds, "checksum": checksum,

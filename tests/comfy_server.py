@@ -58,7 +58,9 @@ class ComfyServer:
             link.symlink_to(REPO, target_is_directory=True)
         (custom / "svdquant_test_support.py").write_text(SUPPORT_MODULE.format(tests=str(REPO / "tests")))
         command = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port",
-                   str(self.port), "--disable-api-nodes", "--base-directory", str(self.base), *self.extra_args]
+                   str(self.port), "--disable-api-nodes", "--base-directory", str(self.base),
+                   # ComfyUI's database under the test's folder: nothing is written into the ComfyUI tree
+                   "--database-url", f"sqlite:///{self.base / 'comfyui.db'}", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -9,22 +9,14 @@ ComfyUI use the ``comfy`` fixture: it finds ComfyUI through ``COMFYUI_PATH`` (or
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "comfyui_svdquant"
 sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (tiny_models, ...)
-
-if PACKAGE not in sys.modules:
-    spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
+from pack_import import PACKAGE, ROOT  # noqa: E402  (imports the pack as comfyui_svdquant)
 
 
 def comfyui_root() -> Path | None:
@@ -49,11 +41,11 @@ def comfy():
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     import comfy.cli_args
+    import utils.extra_config  # noqa: F401  (first, as main.py does: ComfyUI later puts comfy/ ahead on sys.path)
 
     comfy.cli_args.args.cpu = True
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
     import nodes
-    import utils.extra_config  # noqa: F401  (as main.py does first: later, nodes.py puts comfy/ ahead on sys.path)
 
     if "KSampler" in nodes.NODE_CLASS_MAPPINGS and "FluxGuidance" not in nodes.NODE_CLASS_MAPPINGS:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))

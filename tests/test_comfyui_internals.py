@@ -119,8 +119,7 @@ def test_weight_has_the_logical_shape_and_no_bytes_of_its_own(pair):
 def merge(model1, model2, ratio: float):
     from comfy_extras.nodes_model_merging import ModelMergeSimple
 
-    (merged,) = ModelMergeSimple().merge(model1, model2, ratio)
-    return merged
+    return ModelMergeSimple().merge(model1, model2, ratio)[0]  # a tuple (V1 node) or NodeOutput (V3, v0.38)
 
 
 def test_self_merge_leaves_the_output_unchanged(pair):

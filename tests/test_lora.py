@@ -21,8 +21,8 @@ import logging
 import pytest
 import safetensors.torch
 import torch
-from conftest import prompt_executor
 
+from conftest import prompt_executor
 from tiny_models import TINY_FLUX, TINY_SDXL, flux_inputs, quantize, relative_error, sdxl_inputs, tiny_flux, tiny_sdxl
 
 H = TINY_FLUX["hidden_size"]

@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from conftest import prompt_executor
 
+from conftest import prompt_executor
 from tiny_models import init_weights, tiny_flux, tiny_sdxl
 
 SIZE, STEPS = 64, 3
@@ -536,21 +536,20 @@ def test_workflow_quantize_save_then_load_and_sample(pipeline):
     assert sampled.success, sampled.status_messages
 
 
-def test_cancel_through_the_executor_leaves_no_file(pipeline):
+def test_cancel_through_the_executor_leaves_no_file(pipeline, monkeypatch):
     import comfy.model_management
     import comfy.utils
 
-    previous = comfy.utils.PROGRESS_BAR_HOOK
+    update = comfy.utils.ProgressBar.update_absolute
 
-    def cancel(value, total, *_, **__):  # what ComfyUI's /interrupt does, half-way through the node
-        if value == total // 2:
+    def cancel(bar, value, total=None, *args, **kwargs):  # what ComfyUI's /interrupt does, half-way through
+        update(bar, value, total, *args, **kwargs)
+        if total and value == total // 2:
             comfy.model_management.interrupt_current_processing()
 
-    comfy.utils.set_progress_bar_global_hook(cancel)
-    try:
-        executor = execute(quantize_prompt("cancelled"))
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
+    # (the progress bar itself: from v0.33 on the executor installs its own global progress hook)
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", cancel)
+    executor = execute(quantize_prompt("cancelled"))
     events = [event for event, _ in executor.status_messages]
     assert "execution_interrupted" in events and "execution_error" not in events
     assert not any("cancelled" in name for name in saved_files(pipeline / "diffusion_models"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+import pack_import  # noqa: F401  (the pack as comfyui_svdquant, also for scripts that use these helpers)
+
 TINY_FLUX = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
     "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
