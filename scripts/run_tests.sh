@@ -61,7 +61,9 @@ trees=()
 if [ -n "${COMFYUI_PATH:-}" ]; then
     IFS=: read -r -a trees <<< "$COMFYUI_PATH"
 elif [ -d "$TREES_DIR" ]; then
-    for t in "$TREES_DIR"/*/ComfyUI; do [ -f "$t/comfy/model_management.py" ] && trees+=("$t"); done
+    while IFS= read -r t; do
+        [ -f "$t/comfy/model_management.py" ] && trees+=("$t")
+    done < <(printf '%s\n' "$TREES_DIR"/*/ComfyUI | sort -V)
 fi
 
 if [ ${#trees[@]} -eq 0 ]; then
