@@ -43,6 +43,14 @@ def check_version() -> None:
                             f"{'.'.join(map(str, MINIMUM))} or newer") from None
 
 
+def checks_v3_dropdowns() -> bool:
+    """Whether ComfyUI checks a V3 ``io.Combo`` value against its options when a prompt is queued (v0.8.0 does,
+    v0.3.64 does not; versions in between are treated as not checking). Where it does not, a node checks its
+    dropdowns in ``validate_inputs`` and ComfyUI then repeats its message on every input that function names."""
+    found = version()
+    return found is not None and found >= (0, 8, 0)
+
+
 def lowvram_patch(op) -> comfy.model_patcher.LowVramPatch | None:
     """The patches ComfyUI attached to a layer it streams: in ``weight_function`` (classic low-VRAM mode)
     or, with dynamic VRAM (v0.33+), in ``weight_lowvram_function``."""

@@ -46,7 +46,8 @@ def detect(reader: CheckpointReader) -> Architecture:
     if model_class:
         raise CheckpointError(reader.path, f"model_class {model_class!r} is not a model this pack loads ({known})")
     raise CheckpointError(reader.path,
-                          f"no {known} layers found: this is not an SVDQuant checkpoint of a supported model")
+                          f"no {known} layers found: this is not an SVDQuant checkpoint of a supported model. A 16-bit "
+                          "or fp8 model loads with Load Diffusion Model; SVDQuant Quantize Model makes it 4-bit")
 
 
 def architecture_of(diffusion_model: nn.Module) -> tuple[Architecture, dict] | None:

@@ -9,10 +9,12 @@ input a node's ``validate_inputs`` takes; so the node checks them itself, with :
 
 from __future__ import annotations
 
+import functools
 import os
 
 import folder_paths
 from comfy_api.latest import io
+from safetensors import safe_open
 
 from ..svdquant.errors import CheckpointError
 
@@ -21,13 +23,35 @@ _FOLDER_MARK = "transformer_blocks.safetensors"
 
 
 def checkpoint_names() -> list[str]:
-    names = []
+    """SVDQuant checkpoints first (so a new loader node starts on one), then the folder's other files."""
+    names = set()
     for name in folder_paths.get_filename_list(FOLDER):
         if os.path.basename(name) == _FOLDER_MARK:
-            names.append(os.path.dirname(name) + "/")
+            names.add(os.path.dirname(name) + "/")
         elif os.path.basename(name) != "unquantized_layers.safetensors":
-            names.append(name)
-    return sorted(set(names))
+            names.add(name)
+    return sorted(names, key=lambda name: (not is_svdquant(name), name))
+
+
+def is_svdquant(name: str) -> bool:
+    """Whether a listed file holds SVDQuant layers, from its header only (cached per file size and time)."""
+    if name.endswith("/"):
+        return True
+    try:
+        path = folder_paths.get_full_path_or_raise(FOLDER, name)
+        stat = os.stat(path)
+    except (FileNotFoundError, OSError):
+        return False
+    return _has_svdquant_layers(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _has_svdquant_layers(path: str, size: int, mtime: int) -> bool:
+    try:
+        with safe_open(path, "pt") as f:
+            return "quantization_config" in (f.metadata() or {}) or any(k.endswith(".qweight") for k in f.keys())
+    except Exception:  # not a safetensors file, or a broken one: listed after, and loading it says what is wrong
+        return False
 
 
 def checkpoint_path(name: str) -> str:

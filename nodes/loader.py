@@ -5,6 +5,7 @@ from __future__ import annotations
 import comfy.utils
 from comfy_api.latest import io
 
+from ..loaders.compat import checks_v3_dropdowns
 from ..loaders.load import load_checkpoint
 from ..loaders.patcher import SVDQuantModelPatcher
 from ..svdquant.errors import CheckpointError, SVDQuantError
@@ -53,20 +54,23 @@ class SVDQuantModelLoader(io.ComfyNode):
                         "LoRA loaders, ControlNet, model patches and samplers work as with a 16-bit model.",
             inputs=[
                 io.Combo.Input("model_name", options=checkpoint_names(),
-                               tooltip=f"An SVDQuant checkpoint in models/{FOLDER}: a .safetensors file, or a folder "
-                                       "in the older two-file layout (shown with a trailing /)."),
+                               tooltip=f"An SVDQuant checkpoint in models/{FOLDER} (listed first): a .safetensors "
+                                       "file, or a folder in the older two-file layout (shown with a trailing /). "
+                                       "16-bit and fp8 models load with Load Diffusion Model; SVDQuant Quantize "
+                                       "Model makes a 4-bit model from them."),
                 dtype_input(),
                 backend_input(),
             ],
             outputs=[io.Model.Output(tooltip="The diffusion model, 4-bit layers inside ComfyUI's own model class.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, model_name: str, compute_dtype: str = "auto", kernel_backend: str = "auto") -> bool | str:
-        # ComfyUI leaves every input named here to this function (and v0.3.x never checks a V3 combo value).
-        if model_name is not None and model_name not in checkpoint_names():
-            return f"SVDQuant checkpoint '{model_name}' is not in the {FOLDER} folder"
-        return unlisted_choice(cls, compute_dtype=compute_dtype, kernel_backend=kernel_backend) or True
+    if not checks_v3_dropdowns():  # v0.3.x: the dropdowns are the node's to check (see loaders/compat.py)
+        @classmethod
+        def validate_inputs(cls, model_name: str | None = None, compute_dtype: str | None = None,
+                            kernel_backend: str | None = None) -> bool | str:
+            if model_name is not None and model_name not in checkpoint_names():
+                return f"SVDQuant checkpoint '{model_name}' is not in the {FOLDER} folder"
+            return unlisted_choice(cls, compute_dtype=compute_dtype, kernel_backend=kernel_backend) or True
 
     @classmethod
     def fingerprint_inputs(cls, model_name: str, compute_dtype: str = "auto", kernel_backend: str = "auto") -> tuple:

@@ -23,6 +23,7 @@ from ..loaders.load import architecture_of
 from ..loaders.lora import ADAPTER_RANK_OPTION, DEFAULT_ADAPTER_RANK
 from ..loaders.ops import SVDQuantOps
 from ..svdquant.errors import SVDQuantError
+from ..loaders.compat import checks_v3_dropdowns
 from .files import unlisted_choice
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,12 @@ class SVDQuantLoraStack(io.ComfyNode):
             outputs=[io.Model.Output()],
         )
 
-    @classmethod
-    def validate_inputs(cls, lora_1: str | None = None, lora_2: str | None = None, lora_3: str | None = None,
-                        lora_4: str | None = None) -> bool | str:
-        # Names only the dropdowns, so ComfyUI still range-checks the strengths and the rank.
-        return unlisted_choice(cls, lora_1=lora_1, lora_2=lora_2, lora_3=lora_3, lora_4=lora_4) or True
+    if not checks_v3_dropdowns():  # v0.3.x: the dropdowns are the node's to check (see loaders/compat.py)
+        @classmethod
+        def validate_inputs(cls, lora_1: str | None = None, lora_2: str | None = None, lora_3: str | None = None,
+                            lora_4: str | None = None) -> bool | str:
+            # Names only the dropdowns, so ComfyUI still range-checks the strengths and the rank.
+            return unlisted_choice(cls, lora_1=lora_1, lora_2=lora_2, lora_3=lora_3, lora_4=lora_4) or True
 
     @classmethod
     def execute(cls, model, adapter_svd_rank: int = DEFAULT_ADAPTER_RANK, **slots) -> io.NodeOutput:

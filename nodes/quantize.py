@@ -3,6 +3,7 @@ loaders to 4 bits inside a workflow, and write it to diffusion_models for the lo
 
 from __future__ import annotations
 
+import ntpath
 import os
 
 import comfy.model_management
@@ -11,15 +12,17 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..loaders.compat import checks_v3_dropdowns
 from ..loaders.calibration import SamplingSettings, calibration_prompts
 from ..loaders.quantize import Conversion, parse_patterns, quantize_model
 from ..loaders.save import save_checkpoint
 from ..svdquant.errors import SVDQuantError
 from ..svdquant.layers import PRECISIONS
 from ..svdquant.quantizer import QuantizeConfig
-from .files import FOLDER, save_folder
+from .files import FOLDER, save_folder, unlisted_choice
 
 PROMPT_INPUTS = ("positive", "positive_2", "positive_3", "positive_4")
+RANK_MAX = 1024
 
 
 class SVDQuantQuantizeModel(io.ComfyNode):
@@ -47,7 +50,7 @@ class SVDQuantQuantizeModel(io.ComfyNode):
                                               "Left empty: a zeroed prompt."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="int4",
                                tooltip="int4: RTX 20/30/40-class GPUs (and the PyTorch path anywhere). nvfp4: RTX 50."),
-                io.Int.Input("rank", default=32, min=0, max=1024, step=16,
+                io.Int.Input("rank", default=32, min=0, max=RANK_MAX, step=16,
                              tooltip="Rank of the 16-bit low-rank branch (multiple of 16; 0: none). Higher: closer "
                                      "to the 16-bit model, larger and slower."),
                 io.Boolean.Input("smoothing", default=True,
@@ -65,8 +68,11 @@ class SVDQuantQuantizeModel(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Calibration sampling steps per prompt."),
                 io.Int.Input("width", default=1024, min=64, max=4096, step=8, tooltip="Calibration image width."),
                 io.Int.Input("height", default=1024, min=64, max=4096, step=8, tooltip="Calibration image height."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Noise seed of the first prompt (prompt i uses seed + i)."),
+                # No "control after generate" (the frontend gives every INT named seed one, set to randomize):
+                # a new seed would quantize again and write a new file on every Run.
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Noise seed of the first prompt (prompt i uses seed + i). Fixed: the same "
+                                     "seed gives the same calibration and the same file."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance of the calibration sampling. FLUX: 1.0 (guidance "
                                        "below). SDXL: your usual value, e.g. 6.0, with a negative prompt."),
@@ -79,11 +85,20 @@ class SVDQuantQuantizeModel(io.ComfyNode):
             outputs=[io.Model.Output(tooltip="The SVDQuant model, ready to sample or to save.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, rank: int = 32, **_) -> bool | str:
-        if rank % 16:
-            return f"rank = {rank}: the low-rank branch's rank must be a multiple of 16 (0 for none)"
-        return True
+    # validate_inputs names only what ComfyUI cannot check itself (rank's multiple of 16; in v0.3.x the
+    # dropdowns), so that it still checks every other input; None: the value comes through a link.
+    if checks_v3_dropdowns():
+        @classmethod
+        def validate_inputs(cls, rank: int | None = None) -> bool | str:
+            return rank_problem(rank)
+    else:
+        @classmethod
+        def validate_inputs(cls, rank: int | None = None, precision: str | None = None,
+                            sampler_name: str | None = None, scheduler: str | None = None) -> bool | str:
+            problem = rank_problem(rank)
+            if problem is not True:
+                return problem
+            return unlisted_choice(cls, precision=precision, sampler_name=sampler_name, scheduler=scheduler) or True
 
     @classmethod
     def execute(cls, model, positive, precision: str, rank: int, smoothing: bool, gptq: bool, keep_16bit: str,
@@ -99,6 +114,21 @@ class SVDQuantQuantizeModel(io.ComfyNode):
         quantized = quantize_model(model, prompts, negative, conversion,
                                    progress=lambda done, total: bar.update_absolute(done, total))
         return io.NodeOutput(quantized)
+
+
+def rank_problem(rank: int | None) -> bool | str:
+    if rank is not None and (rank < 0 or rank > RANK_MAX or rank % 16):
+        return f"rank = {rank}: the low-rank branch's rank must be a multiple of 16 from 0 to {RANK_MAX}"
+    return True
+
+
+def prefix_problem(prefix: str) -> bool | str:
+    """True for a save prefix that stays inside diffusion_models on every OS, else what is wrong with it."""
+    parts = prefix.replace("\\", "/").split("/")
+    if not prefix.strip() or prefix.startswith(("/", "\\")) or ntpath.isabs(prefix) or ntpath.splitdrive(prefix)[0] \
+            or ".." in parts:
+        return f"filename prefix '{prefix}' must be a relative path inside models/{FOLDER}"
+    return True
 
 
 class SVDQuantSaveModel(io.ComfyNode):
@@ -121,13 +151,19 @@ class SVDQuantSaveModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix: str | None = None) -> bool | str:
+        # at queue time, before a Quantize node upstream spends its minutes
+        return prefix_problem(filename_prefix) if filename_prefix is not None else True
+
+    @classmethod
     def execute(cls, model, filename_prefix: str) -> io.NodeOutput:
         if model.patches:
             raise SVDQuantError(f"the MODEL carries {len(model.patches)} weight patches (LoRA) that the checkpoint "
                                 "cannot hold; save the model before applying LoRAs")
+        problem = prefix_problem(filename_prefix)
+        if problem is not True:
+            raise SVDQuantError(problem)
         root = os.path.abspath(save_folder())
-        if os.path.isabs(filename_prefix) or ".." in filename_prefix.replace("\\", "/").split("/"):
-            raise SVDQuantError(f"filename prefix '{filename_prefix}' must be a path inside models/diffusion_models")
         folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
         comfy.model_management.throw_exception_if_processing_interrupted()

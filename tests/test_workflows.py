@@ -16,8 +16,9 @@ from comfy_server import ComfyServer
 
 from tiny_pipeline import populate
 
-WORKFLOW_FILES = sorted(wf.WORKFLOWS.glob("*.json"))
-API_SUFFIX = "-api.json"
+# UI workflows in workflows/ (ComfyUI offers them as templates), API-format ones in workflows/api/, each named
+# after its UI twin (API-format files cannot be opened as templates, and ComfyUI lists only the top folder).
+WORKFLOW_FILES = sorted(wf.WORKFLOWS.glob("*.json")) + sorted((wf.WORKFLOWS / "api").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +43,20 @@ def api_prompt(path, object_info: dict) -> dict:
 def test_there_are_example_workflows():
     names = {p.name for p in WORKFLOW_FILES}
     assert {"flux1-dev-svdquant.json", "flux1-schnell-svdquant.json"} <= names
+    assert all(wf.is_ui_format(wf.load(p)) == (p.parent == wf.WORKFLOWS) for p in WORKFLOW_FILES)
 
 
-@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: str(p.relative_to(wf.WORKFLOWS)))
 def test_workflow_matches_the_registered_node_definitions(object_info, path):
     workflow = wf.load(path)
     problems = wf.check_ui(workflow, object_info) if wf.is_ui_format(workflow) else wf.check_api(workflow, object_info)
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("path", [p for p in WORKFLOW_FILES if p.name.endswith(API_SUFFIX)], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in WORKFLOW_FILES if p.parent.name == "api"], ids=lambda p: p.name)
 def test_api_format_file_is_its_ui_workflow(object_info, path):
-    ui = path.with_name(path.name[: -len(API_SUFFIX)] + ".json")
-    assert ui.exists(), f"{path.name} has no UI-format twin {ui.name}"
+    ui = wf.WORKFLOWS / path.name
+    assert ui.exists(), f"api/{path.name} has no UI-format twin {ui.name}"
 
     def without_titles(prompt: dict) -> dict:
         return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
@@ -62,7 +64,7 @@ def test_api_format_file_is_its_ui_workflow(object_info, path):
     assert without_titles(wf.load(path)) == without_titles(wf.to_api(wf.load(ui), object_info))
 
 
-@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: str(p.relative_to(wf.WORKFLOWS)))
 def test_workflow_runs_end_to_end_and_writes_an_image(server, object_info, path):
     import numpy as np
     from PIL import Image  # ComfyUI's requirement

@@ -5,7 +5,8 @@ the API format (``{id: {class_type, inputs}}``) that ``POST /prompt`` runs.
 UI-format facts used here (ComfyUI frontend, workflow version 0.4): a node's widgets are its INT, FLOAT,
 STRING, BOOLEAN and combo inputs (not ``forceInput`` ones) in definition order, required before optional;
 ``widgets_values`` holds one value per widget plus, after each widget whose definition has
-``control_after_generate``, the control mode ("fixed", "increment", ...). A link is
+``control_after_generate`` (or, lacking the option, an INT named seed / noise_seed), the control mode
+("fixed", "increment", ...). A link is
 ``[id, from node, from slot, to node, to slot, type]``. Notes are editor-only nodes.
 """
 
@@ -83,7 +84,8 @@ def widget_values(node: dict, definition: dict) -> tuple[dict[str, object], list
             problems.append(f"no widget value for '{name}'")
             break
         values[name] = given.pop(0)
-        if options.get("control_after_generate"):
+        # as the frontend does: an INT named seed / noise_seed gets the control widget unless told otherwise
+        if options.get("control_after_generate", input_type == "INT" and name in ("seed", "noise_seed")):
             mode = given.pop(0) if given else None
             if mode not in CONTROL_MODES:
                 problems.append(f"'{name}' is followed by {mode!r}, not a control_after_generate mode")
