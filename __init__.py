@@ -4,6 +4,9 @@ ComfyUI imports this package and awaits :func:`comfy_entrypoint`. Importing it n
 nor CuPy, nor a compiler, nor ComfyUI itself: the nodes are imported only when ComfyUI asks.
 """
 
+# The frontend extension (web/svdquant.js): Save SVDQuant Model shows the path it wrote.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes import SVDQuantExtension

@@ -19,11 +19,11 @@ import folder_paths
 from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
+from ..loaders.compat import checks_v3_dropdowns
 from ..loaders.load import architecture_of
 from ..loaders.lora import ADAPTER_RANK_OPTION, DEFAULT_ADAPTER_RANK
 from ..loaders.ops import SVDQuantOps
 from ..svdquant.errors import SVDQuantError
-from ..loaders.compat import checks_v3_dropdowns
 from .files import unlisted_choice
 
 log = logging.getLogger(__name__)

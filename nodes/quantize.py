@@ -12,8 +12,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..loaders.compat import checks_v3_dropdowns
 from ..loaders.calibration import SamplingSettings, calibration_prompts
+from ..loaders.compat import checks_v3_dropdowns
 from ..loaders.quantize import Conversion, parse_patterns, quantize_model
 from ..loaders.save import save_checkpoint
 from ..svdquant.errors import SVDQuantError

@@ -39,7 +39,9 @@ class Frontend:
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.goto(url, wait_until="networkidle")
         self.page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
-        self.page.keyboard.press("Escape")  # newer frontends greet a new user with the Templates dialog
+        # a new user is greeted with the Templates dialog, which some frontends open a moment after start
+        self.page.wait_for_timeout(2500)
+        self.page.keyboard.press("Escape")
         self.startup_errors, self.errors = self.errors, []
 
     def close(self) -> None:
@@ -62,6 +64,15 @@ class Frontend:
         return self.page.evaluate("""() => window.app.graph._nodes.map(n => ({
             id: Number(n.id), type: n.type, registered: !!window.LiteGraph.registered_node_types[n.type],
             widgets: (n.widgets || []).map(w => [w.name, w.value]), pos: [...n.pos], size: [...n.size]}))""")
+
+    def nodes_by_id(self) -> dict[int, dict]:
+        return {node["id"]: node for node in self.nodes()}
+
+    def combo_options(self, node_type: str, name: str) -> list:
+        """The options a new ``node_type`` node offers for its dropdown ``name`` (the frontend's current list)."""
+        return self.page.evaluate("""([type, name]) => {
+            const n = window.LiteGraph.createNode(type);
+            return n.widgets.find(w => w.name === name).options.values; }""", [node_type, name])
 
     def add_node(self, node_type: str) -> dict:
         """A new node of ``node_type``, as picking it from the node library makes it."""

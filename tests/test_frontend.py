@@ -131,6 +131,13 @@ def test_workflow_runs_from_the_page(browser, path):
     images = [i for output in entry["outputs"].values() for i in output.get("images", []) if i["type"] == "output"]
     assert images, f"{path.name}: no image arrived"
     page.screenshot(f"{path.stem}-after-run")
+    saves = [n for n in shown.values() if n["type"] == "SVDQuantSaveModel"]
+    for save in saves:  # the saved path on the node, and the new file in the loader's list at once
+        text = entry["outputs"][str(save["id"])]["text"][0]
+        page.page.wait_for_timeout(1000)
+        assert dict(page.nodes_by_id()[save["id"]]["widgets"]).get("saved") == text
+        saved = text.removeprefix("saved diffusion_models/")
+        assert saved in page.combo_options("SVDQuantModelLoader", "model_name")
     if os.environ.get("SVDQUANT_WRITE_THUMBNAILS"):
         image = server.base / "output" / images[0]["subfolder"] / images[0]["filename"]
         with Image.open(image) as png:
@@ -150,9 +157,8 @@ def test_a_new_quantize_node_keeps_its_seed(browser):
 BAD_INPUTS = [("SVDQuantQuantizeModel", "rank", -16), ("SVDQuantQuantizeModel", "rank", 4096),
               ("SVDQuantQuantizeModel", "steps", 0),
               ("SVDQuantQuantizeModel", "width", 8), ("SVDQuantQuantizeModel", "precision", "int3"),
-              ("SVDQuantQuantizeModel", "sampler_name", "bogus"), ("SVDQuantSaveModel", "filename_prefix", "../up"),
-              ("SVDQuantSaveModel", "filename_prefix", "/tmp/abs"), ("SVDQuantSaveModel", "filename_prefix", "C:\\x\\y"),
-              ("SVDQuantSaveModel", "filename_prefix", "a\\..\\..\\b")]
+              ("SVDQuantQuantizeModel", "sampler_name", "bogus"),
+              *[("SVDQuantSaveModel", "filename_prefix", p) for p in ("../up", "/tmp/abs", "C:\\x\\y", "a\\..\\..\\b")]]
 
 
 @pytest.mark.parametrize("node_type, name, value", BAD_INPUTS, ids=lambda v: str(v))
