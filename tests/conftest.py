@@ -91,3 +91,13 @@ def prompt_executor(server):
     if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
         return execution.PromptExecutor(server, cache_args={"lru": 0, "ram": 16.0, "ram_inactive": 16.0})
     return execution.PromptExecutor(server)
+
+
+def validation_errors(class_type: str, **inputs) -> list[str]:
+    """What ComfyUI says, as "input: details" lines, about one node with these widget values when a prompt
+    holding it is queued (its own checks and the node's validate_inputs, as the running version does them)."""
+    import execution
+
+    prompt = {"1": {"class_type": class_type, "inputs": inputs}}
+    _, errors, _ = asyncio.run(execution.validate_inputs("test", prompt, "1", {}))
+    return [f"{e.get('extra_info', {}).get('input_name')}: {e.get('details')}" for e in errors]

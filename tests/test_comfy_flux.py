@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import validation_errors
 from tiny_models import TINY_FLUX, flux_inputs, quantize, relative_error, tiny_flux
 
 
@@ -63,8 +64,10 @@ def test_save_then_load_through_the_loader_node_is_identical(flux_pair, model_fo
 
     _, model = flux_pair
     save_checkpoint(model.diffusion_model, model_folders["diffusion_models"] / "tiny-flux-svdq.safetensors")
-    assert SVDQuantModelLoader.validate_inputs(model_name="tiny-flux-svdq.safetensors") is True
-    assert isinstance(SVDQuantModelLoader.validate_inputs(model_name="nope.safetensors"), str)
+    settings = {"compute_dtype": "auto", "kernel_backend": "auto"}
+    assert not validation_errors("SVDQuantModelLoader", model_name="tiny-flux-svdq.safetensors", **settings)
+    assert "nope.safetensors" in " ".join(validation_errors("SVDQuantModelLoader", model_name="nope.safetensors",
+                                                            **settings))
     (patcher,) = SVDQuantModelLoader.execute("tiny-flux-svdq.safetensors", "bfloat16", "torch").args
     inputs = flux_inputs(7)
     with torch.no_grad():

@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import validation_errors
+
 CHUNK = 10 * 2**20  # huggingface_hub writes the body in chunks of this size
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 GRANTED, DENIED = "hf_granted_token", "hf_denied_token"
@@ -323,7 +325,8 @@ def test_node_downloads_and_loads_a_checkpoint(hub, model_folders):
                                                 "main", "bfloat16", "torch").args
     assert name == "svdq-int4_r16-tiny.safetensors"
     assert (model_folders["diffusion_models"] / name).read_bytes() == source.read_bytes()
-    assert SVDQuantModelLoader.validate_inputs(name) is True  # listed by the loader from now on
+    assert not validation_errors("SVDQuantModelLoader", model_name=name, compute_dtype="auto",
+                                 kernel_backend="auto")  # listed by the loader from now on
     (loaded,) = SVDQuantModelLoader.execute(name, "bfloat16", "torch").args
     with torch.no_grad():
         inputs = flux_inputs(0)

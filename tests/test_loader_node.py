@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from conftest import validation_errors
 from tiny_models import TINY_FLUX, flux_inputs, tiny_flux
 
 VARIANTS = {  # name → (tiny_flux overrides, ComfyUI model config class, latent channels the model reads)
@@ -72,17 +73,16 @@ def test_lists_files_and_folder_checkpoints(variant_files, model_folders):
     assert options == ["old-layout/", "sub/flux-dev.safetensors"]
 
 
-@pytest.mark.parametrize("inputs, message", [
-    ({"model_name": "missing.safetensors"}, "'missing.safetensors' is not in the diffusion_models folder"),
-    ({"model_name": "m.safetensors", "compute_dtype": "float32"}, "compute_dtype: 'float32' is not one of"),
-    ({"model_name": "m.safetensors", "kernel_backend": "triton"}, "kernel_backend: 'triton' is not one of"),
-])
-def test_validation_refuses_what_is_not_offered(model_folders, inputs, message):
-    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
-
+@pytest.mark.parametrize("name, value", [("model_name", "missing.safetensors"), ("compute_dtype", "float32"),
+                                         ("kernel_backend", "triton")])
+def test_validation_refuses_what_is_not_offered(model_folders, name, value):
+    """Queued with a value its dropdown does not offer, the node is refused, the value named on its input."""
     (model_folders["diffusion_models"] / "m.safetensors").write_bytes(b"")
-    result = SVDQuantModelLoader.validate_inputs(**inputs)
-    assert isinstance(result, str) and message in result
+    inputs = {"model_name": "m.safetensors", "compute_dtype": "auto", "kernel_backend": "auto", name: value}
+    errors = validation_errors("SVDQuantModelLoader", **inputs)
+    assert errors and any(e.startswith(f"{name}:") and value in e for e in errors), errors
+    offered = {"model_name": "m.safetensors", "compute_dtype": "auto", "kernel_backend": "auto"}
+    assert not validation_errors("SVDQuantModelLoader", **offered)
 
 
 def test_a_replaced_file_is_loaded_again(variant_files, model_folders):

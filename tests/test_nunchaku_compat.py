@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 import nunchaku_fixture
+from conftest import validation_errors
 from nunchaku_fixture import FAULTS, flux_checkpoint
 from tiny_models import TINY_FLUX, flux_inputs, mapping_errors, quantize, relative_error, tiny_flux
 
@@ -38,7 +39,8 @@ def reference(dense):
 def load_node(name: str, kernel_backend: str = "torch"):
     from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
 
-    assert SVDQuantModelLoader.validate_inputs(model_name=name) is True
+    assert not validation_errors("SVDQuantModelLoader", model_name=name, compute_dtype="bfloat16",
+                                 kernel_backend=kernel_backend)
     (patcher,) = SVDQuantModelLoader.execute(name, "bfloat16", kernel_backend).args
     return patcher
 
