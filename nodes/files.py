@@ -85,13 +85,15 @@ def fingerprint(name: str) -> tuple:
 
 
 def unlisted_choice(node: type[io.ComfyNode], **values: object) -> str | None:
-    """A message for the first value that is not among its dropdown's options, else None. Values that
-    come through a link are None while the prompt is validated and are skipped."""
+    """A message naming every value that is not among its dropdown's options, else None. Values that come
+    through a link are None while the prompt is validated and are skipped. (ComfyUI shows the message on each
+    input the node's validate_inputs names, so it names them all: the second missing LoRA is not hidden.)"""
     # FINALIZE_SCHEMA, not GET_SCHEMA: ComfyUI validates on a locked copy of the class, and GET_SCHEMA sets SCHEMA.
+    problems = []
     for item in node.FINALIZE_SCHEMA().inputs or []:
         if not isinstance(item, io.Combo.Input) or values.get(item.id) is None:
             continue
         if values[item.id] not in item.options:
             shown = ", ".join(map(str, item.options[:10])) + (", ..." if len(item.options) > 10 else "")
-            return f"{item.id}: '{values[item.id]}' is not one of the choices ({shown or 'there are none'})"
-    return None
+            problems.append(f"{item.id}: '{values[item.id]}' is not one of the choices ({shown or 'there are none'})")
+    return "; ".join(problems) or None

@@ -664,3 +664,14 @@ def test_stack_node_on_sdxl(patchers, model_folders):
     assert max(errors.values()) < LAYER_TOLERANCE, errors
     with pytest.raises(SVDQuantError, match="LoRA 'flux.safetensors' matches no layer of this SDXL model"):
         stack(q, [(flux, 1.0)])
+
+
+def test_each_missing_lora_is_named(model_folders):
+    """A shared LoRA workflow opened without its files: every missing file is named, on its own slot."""
+    from conftest import validation_errors
+
+    slots = {"lora_1": "first-missing.safetensors", "lora_2": "second-missing.safetensors", "lora_3": "None",
+             "lora_4": "None", **{f"strength_{i}": 1.0 for i in range(1, 5)}, "adapter_svd_rank": 64}
+    errors = [e for e in validation_errors("SVDQuantLoraStack", **slots) if not e.startswith("model:")]
+    for slot in ("lora_1", "lora_2"):
+        assert any(e.startswith(f"{slot}:") and slots[slot] in e for e in errors), errors
