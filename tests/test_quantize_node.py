@@ -402,7 +402,7 @@ def test_save_refuses_what_it_cannot_store(flux_run, model_folders):
     source, _, _, quantized = flux_run
     with pytest.raises(SVDQuantError, match="no SVDQuant layers"):
         SVDQuantSaveModel.execute(source, "dense")
-    with pytest.raises(SVDQuantError, match="must be a path inside models/diffusion_models"):
+    with pytest.raises(SVDQuantError, match="must be a relative path inside models/diffusion_models"):
         SVDQuantSaveModel.execute(quantized, "../outside")
     with_lora = quantized.clone()
     with_lora.add_patches({"diffusion_model.double_blocks.0.img_attn.qkv.weight": ("diff", (torch.zeros(1),))}, 1.0)
