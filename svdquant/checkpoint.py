@@ -82,12 +82,20 @@ class QuantizationInfo:
         return info
 
 
+# safetensors' own limit: a header is read whole before anything is checked, so a crafted length could ask
+# for a read as large as the file
+MAX_HEADER_BYTES = 100_000_000
+
+
 def _sniff(path: Path) -> None:
     """Refuse the files that are not safetensors with a message that says what they are."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
         header_length = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
+        if len(head) == 9 and head[8:9] == b"{" and header_length > MAX_HEADER_BYTES:
+            raise CheckpointError(path, f"the .safetensors header claims {header_length} bytes, more than the "
+                                  f"{MAX_HEADER_BYTES} safetensors allows (a corrupt or crafted file)")
         if len(head) == 9 and head[8:9] == b"{" and header_length <= size - 8:
             _check_length(path, size, header_length, b"{" + f.read(header_length - 1))
             return

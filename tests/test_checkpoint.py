@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 
 import pytest
 import torch
@@ -126,6 +127,14 @@ def test_corrupt_and_foreign_files(tmp_path):
 
     with pytest.raises(CheckpointError, match="no such file"):
         CheckpointReader(tmp_path / "missing.safetensors")
+
+    # a header length as large as the file (200 MB of spaces after it) is refused before it is read
+    crafted = tmp_path / "crafted.safetensors"
+    with open(crafted, "wb") as f:
+        f.write(struct.pack("<Q", 200_000_000) + b"{")
+        f.truncate(8 + 200_000_000)  # sparse: no disk space used
+    with pytest.raises(CheckpointError, match="crafted.safetensors: the .safetensors header claims 200000000 bytes"):
+        CheckpointReader(crafted)
 
 
 def test_missing_or_inconsistent_metadata(tmp_path):
