@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..kernels import enable as enable_kernels
-from ..svdquant.checkpoint import CheckpointReader
+from ..svdquant.checkpoint import CheckpointReader, holds_svdquant
 from ..svdquant.errors import CheckpointError, SVDQuantError
 from ..svdquant.layer_io import cast_16bit
 from . import dense_layers, detection, parts
@@ -45,9 +45,8 @@ def detect(reader: CheckpointReader) -> Architecture:
     known = ", ".join(dict.fromkeys(a.name for a in ARCHITECTURES))
     if model_class:
         raise CheckpointError(reader.path, f"model_class {model_class!r} is not a model this pack loads ({known})")
-    raise CheckpointError(reader.path,
-                          f"no {known} layers found: this is not an SVDQuant checkpoint of a supported model. A 16-bit "
-                          "or fp8 model loads with Load Diffusion Model; SVDQuant Quantize Model makes it 4-bit")
+    raise CheckpointError(reader.path, f"no {known} layers found: this is not an SVDQuant checkpoint of a supported "
+                          "model")
 
 
 def architecture_of(diffusion_model: nn.Module) -> tuple[Architecture, dict] | None:
@@ -101,6 +100,10 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend
     enable_kernels(kernel_backend)  # first, so that a 'cuda' request that cannot be met fails before any reading
     load_device = comfy.model_management.get_torch_device()
     with CheckpointReader(path) as reader:
+        if not holds_svdquant(reader.metadata, reader.keys):
+            raise CheckpointError(reader.path, "this is not an SVDQuant checkpoint (no 4-bit layers, no "
+                                  "quantization_config): a 16-bit or fp8 model loads with Load Diffusion Model, and "
+                                  "SVDQuant Quantize Model makes a 4-bit model from it")
         info = reader.quantization()
         architecture = detect(reader)
         described = architecture.unet_config(reader)

@@ -16,6 +16,7 @@ import folder_paths
 from comfy_api.latest import io
 from safetensors import safe_open
 
+from ..svdquant.checkpoint import holds_svdquant
 from ..svdquant.errors import CheckpointError
 
 FOLDER = "diffusion_models"
@@ -49,7 +50,7 @@ def is_svdquant(name: str) -> bool:
 def _has_svdquant_layers(path: str, size: int, mtime: int) -> bool:
     try:
         with safe_open(path, "pt") as f:
-            return "quantization_config" in (f.metadata() or {}) or any(k.endswith(".qweight") for k in f.keys())
+            return holds_svdquant(f.metadata() or {}, f.keys())
     except Exception:  # not a safetensors file, or a broken one: listed after, and loading it says what is wrong
         return False
 

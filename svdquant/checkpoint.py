@@ -13,7 +13,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +225,11 @@ class CheckpointReader:
             raise CheckpointError(self.path, "metadata entry 'quantization_config' is missing; this is not an "
                                   "SVDQuant checkpoint (or it was saved without its metadata)")
         return QuantizationInfo.from_json(self.path, text)
+
+
+def holds_svdquant(metadata: Mapping[str, str], keys: Iterable[str]) -> bool:
+    """Whether a file with this header is an SVDQuant checkpoint at all (its metadata or its packed layers)."""
+    return "quantization_config" in metadata or any(k.endswith(".qweight") for k in keys)
 
 
 def layer_names(prefix: str, keys: list[str] | set[str]) -> dict[str, str]:

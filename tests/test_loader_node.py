@@ -73,6 +73,23 @@ def test_lists_files_and_folder_checkpoints(variant_files, model_folders):
     assert options == ["old-layout/", "sub/flux-dev.safetensors"]
 
 
+def test_svdquant_files_come_first_and_a_16bit_file_points_elsewhere(variant_files, model_folders):
+    """A new loader node starts on an SVDQuant file; picking a 16-bit file says which node loads it."""
+    from safetensors.torch import save_file
+
+    from comfyui_svdquant.nodes.files import checkpoint_names
+    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
+    from comfyui_svdquant.svdquant.errors import CheckpointError
+
+    folder = model_folders["diffusion_models"]
+    save_file(tiny_flux(seed=1).diffusion_model.state_dict(), str(folder / "aaa-flux-16bit.safetensors"))
+    os.link(variant_files["dev"][0], folder / "zzz-flux-svdq.safetensors")
+    assert checkpoint_names() == ["zzz-flux-svdq.safetensors", "aaa-flux-16bit.safetensors"]
+    with pytest.raises(CheckpointError, match=r"aaa-flux-16bit\.safetensors: this is not an SVDQuant checkpoint "
+                                              r".*loads with Load Diffusion Model"):
+        SVDQuantModelLoader.execute("aaa-flux-16bit.safetensors", "bfloat16", "torch")
+
+
 @pytest.mark.parametrize("name, value", [("model_name", "missing.safetensors"), ("compute_dtype", "float32"),
                                          ("kernel_backend", "triton")])
 def test_validation_refuses_what_is_not_offered(model_folders, name, value):
