@@ -167,6 +167,9 @@ class SVDQuantSaveModel(io.ComfyNode):
         folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
         comfy.model_management.throw_exception_if_processing_interrupted()
+        # As ComfyUI's own save nodes: load this MODEL with its own patches, so that the 16-bit weights it
+        # shares with its clones are not those a clone (a LoRA sampled earlier) left patched in place.
+        comfy.model_management.load_models_gpu([model], force_patch_weights=True)
         save_checkpoint(model.model.diffusion_model, path, getattr(model.model, "svdquant_metadata", None))
         listed = os.path.relpath(path, root).replace(os.sep, "/")
         return io.NodeOutput(ui=ui.PreviewText(f"saved {FOLDER}/{listed}"))

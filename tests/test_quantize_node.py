@@ -136,6 +136,30 @@ def test_flux_quantize_sample_save_load(flux_run, model_folders):
     assert torch.equal(sample(source, conditioning(5)), dense_sample)
 
 
+def test_save_writes_the_model_as_its_graph_defines_it(flux_run, model_folders):
+    """A clone of the same model sampled with a LoRA first (ComfyUI patched the shared 16-bit weights for it):
+    the save of the model without the LoRA writes the model's own weights, not the clone's."""
+    import comfy.model_management
+    import comfy.sd
+    from safetensors import safe_open
+
+    from comfyui_svdquant.nodes.quantize import SVDQuantSaveModel
+
+    _, _, _, quantized = flux_run
+    original = quantized.model.diffusion_model.img_in.weight.detach().clone()
+    g = torch.Generator().manual_seed(9)
+    n, k = original.shape
+    lora = {"diffusion_model.img_in.lora_up.weight": torch.randn(n, 4, generator=g),
+            "diffusion_model.img_in.lora_down.weight": torch.randn(4, k, generator=g)}
+    with_lora, _ = comfy.sd.load_lora_for_models(quantized, None, lora, 1.0, 0.0)
+    sample(with_lora, conditioning(5))  # as a KSampler on the clone does
+    comfy.model_management.load_models_gpu([with_lora])
+    assert not torch.equal(quantized.model.diffusion_model.img_in.weight, original)  # the shared weight is patched
+    SVDQuantSaveModel.execute(quantized, "own-weights")
+    with safe_open(str(model_folders["diffusion_models"] / "own-weights_00001_.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("x_embedder.weight"), original)
+
+
 def test_saved_file_records_how_it_was_made(flux_run, model_folders):
     import json
 
