@@ -63,10 +63,9 @@ def lowvram_patch(op) -> comfy.model_patcher.LowVramPatch | None:
     return None
 
 
-
 @functools.cache
 def flux_norm_leaf() -> str:
-    """The parameter name of FLUX's q/k RMSNorm in this ComfyUI: ``scale`` up to v0.3.x, ``weight`` from the
-    version whose RMSNorm is torch's (files keep ``scale``; ComfyUI renames it at load)."""
+    """The parameter name of FLUX's q/k RMSNorm in this ComfyUI: ``scale`` in v0.3.64 and v0.8, ``weight`` in
+    v0.33, whose RMSNorm is torch's (files keep ``scale``; ComfyUI renames it at load)."""
     norm = comfy.ldm.flux.layers.QKNorm(8, device="meta", operations=comfy.ops.disable_weight_init)
     return next(name for name, _ in norm.named_parameters()).rpartition(".")[2]

@@ -14,7 +14,6 @@ version's fields. Two things are then settled by the tensors, as they decide eve
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 import comfy.model_detection
@@ -22,8 +21,6 @@ import comfy.supported_models
 import torch
 
 from ..svdquant.errors import SVDQuantError
-
-log = logging.getLogger(__name__)
 
 
 def meta_shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
