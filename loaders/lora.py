@@ -130,14 +130,28 @@ def _region(shape: tuple[int, int], offset) -> tuple[int, int, int, int]:
     return row, rows, col, cols
 
 
+def _is_plain_pair(patch: tuple) -> bool:
+    """A LoRA pair that extends the branch exactly (no mid or DoRA weight, reshape, function, model strength)."""
+    _, adapter, strength_model, _, function = patch
+    if not isinstance(adapter, LoRAAdapter) or function is not None or strength_model != 1.0:
+        return False
+    _, _, _, mid, dora_scale, reshape = adapter.weights
+    return mid is None and dora_scale is None and reshape is None
+
+
+def branch_rank(patches: list, adapter_rank: int) -> int:
+    """The branch rank that ``patches`` add to a layer: each LoRA pair its own rank; every other patch
+    together the adapter SVD rank (they are absorbed by one truncated SVD)."""
+    pairs = [p for p in patches if _is_plain_pair(p)]
+    return sum(p[1].weights[1].shape[0] for p in pairs) + (adapter_rank if len(pairs) < len(patches) else 0)
+
+
 def _exact_pair(patch: tuple, shape: tuple[int, int], device: torch.device) -> _Pair | None:
     """The patch as a low-rank pair, or None if it is not a plain LoRA pair."""
-    strength, adapter, strength_model, offset, function = patch
-    if not isinstance(adapter, LoRAAdapter) or function is not None or strength_model != 1.0:
+    if not _is_plain_pair(patch):
         return None
-    up, down, alpha, mid, dora_scale, reshape = adapter.weights
-    if mid is not None or dora_scale is not None or reshape is not None:
-        return None
+    strength, adapter, _, offset, _ = patch
+    up, down, alpha = adapter.weights[:3]
     up, down = up.flatten(start_dim=1), down.flatten(start_dim=1)
     row, rows, col, cols = _region(shape, offset)
     if up.shape[0] != rows or down.shape[1] != cols or up.shape[1] != down.shape[0]:

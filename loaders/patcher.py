@@ -23,9 +23,8 @@ import comfy.hooks
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
-from comfy.weight_adapter import LoRAAdapter
 
-from .lora import ADAPTER_RANK_OPTION, DEFAULT_ADAPTER_RANK, branch_bytes
+from .lora import ADAPTER_RANK_OPTION, DEFAULT_ADAPTER_RANK, branch_bytes, branch_rank
 from .ops import SVDQuantOps, quantized_ops
 
 _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])
@@ -40,14 +39,6 @@ def _quantized_op(model, key: str) -> SVDQuantOps.Linear | None:
     except AttributeError:
         return None
     return op if isinstance(op, SVDQuantOps.Linear) and op.quantized is not None else None
-
-
-def branch_rank(patches: list, adapter_rank: int) -> int:
-    """The branch rank that ``patches`` add to a layer: a LoRA pair's own rank, the adapter SVD rank for
-    any other patch (absorbed by a truncated SVD, once for all of them)."""
-    pairs = sum(p[1].weights[1].shape[0] for p in patches if isinstance(p[1], LoRAAdapter))
-    others = any(not isinstance(p[1], LoRAAdapter) for p in patches)
-    return pairs + (adapter_rank if others else 0)
 
 
 class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
