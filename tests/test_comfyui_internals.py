@@ -103,7 +103,7 @@ def test_weight_has_the_logical_shape_and_no_bytes_of_its_own(pair):
 
     q, d = pair
     op = q.model.diffusion_model.get_submodule(LAYER)
-    dense = d.model.diffusion_model.get_submodule(LAYER).weight
+    dense = d.model.diffusion_model.get_submodule(LAYER).weight.detach()
     assert op.weight.shape == dense.shape and op.weight.dtype == dense.dtype
     assert torch.equal(op.weight.to(torch.float32), op.quantized.to_dense()[0])  # exact, not via bf16
     assert relative_error(op.weight.to(torch.float32), dense) < 0.1  # the 4-bit layer's weight, dequantized
