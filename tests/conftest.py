@@ -28,8 +28,8 @@ def comfyui_root() -> Path | None:
     return None
 
 
-SKIP_NO_COMFY = ("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (README, 'Running the tests') "
-                 "to run the integration tests")
+SKIP_NO_COMFY = ("ComfyUI not found: run scripts/run_tests.sh with ComfyUI trees under ~/comfyui-trees, or set "
+                 "COMFYUI_PATH to a ComfyUI checkout (README, 'Running the tests'), to run the integration tests")
 
 
 @pytest.fixture(scope="session")
