@@ -139,11 +139,16 @@ def _is_plain_pair(patch: tuple) -> bool:
     return mid is None and dora_scale is None and reshape is None
 
 
+def needs_absorption(patches: list) -> bool:
+    """Whether some of ``patches`` are not LoRA pairs, and so are absorbed by a truncated SVD."""
+    return not all(_is_plain_pair(p) for p in patches)
+
+
 def branch_rank(patches: list, adapter_rank: int) -> int:
     """The branch rank that ``patches`` add to a layer: each LoRA pair its own rank; every other patch
     together the adapter SVD rank (they are absorbed by one truncated SVD)."""
-    pairs = [p for p in patches if _is_plain_pair(p)]
-    return sum(p[1].weights[1].shape[0] for p in pairs) + (adapter_rank if len(pairs) < len(patches) else 0)
+    pairs = sum(p[1].weights[1].shape[0] for p in patches if _is_plain_pair(p))
+    return pairs + (adapter_rank if needs_absorption(patches) else 0)
 
 
 def _exact_pair(patch: tuple, shape: tuple[int, int], device: torch.device) -> _Pair | None:

@@ -120,6 +120,12 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
                 self._branch_cache = (tuple(patches), self.lora_adapter_rank, branch_buffers(self, patches))
             return self._branch_cache[2]
 
+        def prepare_branch(self) -> None:
+            """Build the branch for the patches this layer runs with now (what the first forward would)."""
+            patches = self._active_patches()
+            if patches:
+                self._branches(patches)
+
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if self.quantized is None:
                 return super().forward(x, *args, **kwargs)

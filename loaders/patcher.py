@@ -23,8 +23,9 @@ import comfy.hooks
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
+from tqdm import tqdm
 
-from .lora import ADAPTER_RANK_OPTION, DEFAULT_ADAPTER_RANK, branch_bytes, branch_rank
+from .lora import ADAPTER_RANK_OPTION, DEFAULT_ADAPTER_RANK, branch_bytes, branch_rank, needs_absorption
 from .ops import SVDQuantOps, quantized_ops
 
 _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])
@@ -48,7 +49,23 @@ class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
         # The layers are shared by every clone: the adapter rank of the clone being loaded wins.
         for _, op in quantized_ops(self.model):
             op.lora_adapter_rank = self._adapter_rank()
-        return super().load(*args, **kwargs)
+        out = super().load(*args, **kwargs)
+        self._absorb_adapters()
+        return out
+
+    def _absorb_adapters(self) -> None:
+        """Adapters other than LoRA pairs (LoHa, LoKr, DoRA, merges) become branch ranks through an SVD of each
+        layer's change: done here, once per patch set, with a progress bar, rather than inside the first
+        sampling step (where a streamed layer would otherwise do it)."""
+        layers = [op for key, op in ((k, _quantized_op(self.model, k)) for k in self.patches)
+                  if op is not None and needs_absorption(self.patches[key])]
+        if not layers:
+            return
+        bar = comfy.utils.ProgressBar(len(layers))
+        for done, op in enumerate(tqdm(layers, desc="SVDQuant: absorbing adapters", unit="layer"), start=1):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            op.prepare_branch()
+            bar.update_absolute(done, len(layers))
 
     def _adapter_rank(self) -> int:
         return self.model_options.get(ADAPTER_RANK_OPTION, DEFAULT_ADAPTER_RANK)

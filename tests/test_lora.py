@@ -675,3 +675,35 @@ def test_each_missing_lora_is_named(model_folders):
     errors = [e for e in validation_errors("SVDQuantLoraStack", **slots) if not e.startswith("model:")]
     for slot in ("lora_1", "lora_2"):
         assert any(e.startswith(f"{slot}:") and slots[slot] in e for e in errors), errors
+
+
+def test_adapters_are_absorbed_once_at_load_with_progress(patchers, model_folders, monkeypatch):
+    """LoHa on streamed (low-VRAM) layers: each layer's SVD runs once, when the model is loaded, with a progress
+    bar; the sampling steps reuse it."""
+    import comfy.utils
+
+    import comfyui_svdquant.loaders.lora as lora_module
+
+    layers = {"diffusion_model.double_blocks.0.img_attn.qkv": (3 * H, H),
+              "diffusion_model.double_blocks.1.img_mod.lin": (6 * H, H),
+              "diffusion_model.single_blocks.0.linear1": (3 * H + M, H)}
+    g = torch.Generator().manual_seed(12)
+    tensors = {f"{prefix}.hada_{w}_{s}": torch.randn((n, 8) if s == "a" else (8, k), generator=g) * 0.1
+               for prefix, (n, k) in layers.items() for w in ("w1", "w2") for s in ("a", "b")}
+    safetensors.torch.save_file(tensors, str(model_folders["loras"] / "loha.safetensors"))
+    q, _ = patchers
+    q_lora = stack(q, [("loha.safetensors", 0.9)], rank=16)
+    absorbed, events = [], []
+    original = lora_module._absorbed
+    monkeypatch.setattr(lora_module, "_absorbed", lambda *a, **k: absorbed.append(1) or original(*a, **k))
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, *args, **kwargs: events.append((value, total)))
+    bf16, _ = inputs_pair(12)
+    try:
+        with patched(q_lora, device_to=torch.device("cpu"), lowvram_model_memory=1):  # every layer streamed
+            assert len(absorbed) == len(layers) and events[-1] == (len(layers), len(layers))
+            run(q_lora, bf16)
+            run(q_lora, bf16)
+            assert len(absorbed) == len(layers)  # not again in the sampling steps
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
