@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import comfy.supported_models
 import comfy.utils
@@ -116,8 +117,11 @@ class FluxArchitecture:
 
     def _config_from_shapes(self, reader: CheckpointReader, axes: list[int] | None = None) -> dict:
         diffusers = reader.json("config", required=False) or {}
-        depth = _count(reader, self.double("{}", "qkv_proj"))
-        depth_single = _count(reader, self.single("{}", "qkv_proj"))
+        def stored(prefix: str) -> bool:
+            return _stored(reader, prefix) is not None
+
+        depth = _count(stored, self.double("{}", "qkv_proj"))
+        depth_single = _count(stored, self.single("{}", "qkv_proj"))
         block = (lambda local: self.double(0, local)) if depth else (lambda local: self.single(0, local))
         mlp_fc1 = _stored(reader, block("mlp_fc1")) or f"{block('mlp_fc1')}.qweight"
         for key in ("x_embedder.weight", "context_embedder.weight", "proj_out.weight",
@@ -154,8 +158,8 @@ class FluxArchitecture:
         widths (hidden 3072, text 4096, 24 heads), newer versions its head size (128) and MLP ratio. The
         rotary axes come from ``hint`` where the detected ones do not add up to the head size."""
         hidden, in_features = shapes["img_in.weight"].shape
-        depth = _count_keys(shapes, "double_blocks.{}.img_attn.qkv.weight")
-        depth_single = _count_keys(shapes, "single_blocks.{}.linear1.weight")
+        depth = _count(shapes.__contains__, "double_blocks.{}.img_attn.qkv.weight")
+        depth_single = _count(shapes.__contains__, "single_blocks.{}.linear1.weight")
         norm = "double_blocks.0.img_attn.norm.query_norm" if depth else "single_blocks.0.norm.query_norm"
         head = next(shapes[f"{norm}.{leaf}"].shape[0] for leaf in ("scale", "weight") if f"{norm}.{leaf}" in shapes)
         if depth:
@@ -319,15 +323,9 @@ def _stored(reader: CheckpointReader, prefix: str) -> str | None:
     return None
 
 
-def _count_keys(keys, pattern: str) -> int:
+def _count(present: Callable[[str], bool], pattern: str) -> int:
+    """How many blocks 0, 1, … ``pattern.format(n)`` names before the first that is not ``present``."""
     n = 0
-    while pattern.format(n) in keys:
-        n += 1
-    return n
-
-
-def _count(reader: CheckpointReader, prefix_pattern: str) -> int:
-    n = 0
-    while _stored(reader, prefix_pattern.format(n)) is not None:
+    while present(pattern.format(n)):
         n += 1
     return n

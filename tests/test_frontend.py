@@ -112,18 +112,15 @@ def new_images(server: ComfyServer, seen: set[str], timeout: float = 600.0) -> d
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_runs_from_the_page(browser, path):
-    """Run pressed on the opened workflow, scaled down as workflow_format.scaled_down does (64×64, 2 steps,
-    no smoothing search): the image arrives."""
+    """Run pressed on the opened workflow, its widgets scaled down as workflow_format.scaled_inputs says
+    (64×64, 2 steps, no smoothing search): the image arrives."""
     from PIL import Image
 
     server, page = browser
     _, shown = opened(page, path)
     for node in shown.values():
-        widgets = dict(node["widgets"])
-        for name, value in (("width", 64), ("height", 64), ("steps", min(widgets.get("steps") or 2, 2)),
-                            ("smoothing", False)):
-            if name in widgets:
-                page.set_widget(node["id"], name, value)
+        for name, value in wf.scaled_inputs(node["type"], dict(node["widgets"])).items():
+            page.set_widget(node["id"], name, value)
     seen = set(server.get("/history"))
     page.run()
     entry = new_images(server, seen)

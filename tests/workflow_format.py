@@ -199,18 +199,23 @@ def check_api(prompt: dict, object_info: dict) -> list[str]:
     return problems
 
 
+def scaled_inputs(class_type: str, inputs: dict, size: int = 64, steps: int = 2,
+                  smoothing_search: bool = False) -> dict:
+    """What :func:`scaled_down` changes in one node (input name → new value): every width/height set to
+    ``size``, every step count cut to ``steps`` and, unless ``smoothing_search``, the quantizer's per-layer
+    smoothing search (the slow part of quantizing on a CPU) turned off."""
+    out = {name: size for name in ("width", "height") if isinstance(inputs.get(name), int)}
+    if isinstance(inputs.get("steps"), int):
+        out["steps"] = min(inputs["steps"], steps)
+    if class_type == "SVDQuantQuantizeModel" and not smoothing_search:
+        out["smoothing"] = False
+    return out
+
+
 def scaled_down(prompt: dict, size: int = 64, steps: int = 2, smoothing_search: bool = False) -> dict:
-    """A copy of an API-format prompt that runs in seconds with the small models: every width/height input
-    set to ``size``, every step count cut to ``steps`` and, unless ``smoothing_search``, the quantizer's
-    per-layer smoothing search (the slow part of quantizing on a CPU) turned off. Nothing else changes."""
+    """A copy of an API-format prompt that runs in seconds with the small models (:func:`scaled_inputs`);
+    nothing else changes."""
     out = json.loads(json.dumps(prompt))
     for node in out.values():
-        inputs = node["inputs"]
-        for name in ("width", "height"):
-            if isinstance(inputs.get(name), int):
-                inputs[name] = size
-        if isinstance(inputs.get("steps"), int):
-            inputs["steps"] = min(inputs["steps"], steps)
-        if node["class_type"] == "SVDQuantQuantizeModel" and not smoothing_search:
-            inputs["smoothing"] = False
+        node["inputs"].update(scaled_inputs(node["class_type"], node["inputs"], size, steps, smoothing_search))
     return out
