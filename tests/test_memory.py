@@ -158,6 +158,6 @@ def test_loading_holds_one_copy_of_the_weights(comfy):
     results = {r["loader"]: r for r in map(json.loads, out.stdout.strip().splitlines())}
     svdquant, unet = results["svdquant"], results["unet"]
     assert svdquant["file_bytes"] > 50e6  # large enough that the process's own noise does not matter
-    assert svdquant["peak_extra_bytes"] < 1.5 * svdquant["file_bytes"]  # measured: 1.2
+    assert svdquant["peak_extra_bytes"] < 1.5 * svdquant["file_bytes"]  # measured: 1.4 (BENCHMARKS.md)
     assert svdquant["kept_anon_bytes"] < 0.3 * svdquant["file_bytes"]  # the weights are the file's own pages
     assert unet["peak_extra_bytes"] > 1.8 * unet["file_bytes"]  # the measurement does see a double copy
