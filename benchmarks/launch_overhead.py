@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_layers import random_w4a4  # noqa: E402
+import pack_import  # noqa: E402, F401, I001  (first: the pack as the package comfyui_svdquant, as the tests import it)
+from test_layers import random_w4a4  # noqa: E402, I001
 
-import pack_import  # noqa: E402, F401  (the pack as the package comfyui_svdquant, as the tests import it)
 from comfyui_svdquant.kernels import backend, build, runtime  # noqa: E402
 
 SHAPES = {  # name: (in, out, rank); rank 32 as the published FLUX checkpoints
