@@ -6,82 +6,35 @@ runs (about 500 quantized layer calls per step), so it is measured, not assumed.
     python benchmarks/launch_overhead.py                 # FLUX- and SDXL-shaped layers, INT4 and NVFP4
     python benchmarks/launch_overhead.py --calls 20000
 
-What is stubbed: ``cupy`` (a module whose kernel functions do nothing), torch's current CUDA stream,
-and the device probe (the layers and inputs live on the CPU). Tensors are small (16 rows) so that
-CPU malloc stands in for the caching allocator's cost. Prints a markdown table with the date.
+What is stubbed (tests/stub_gpu.py): ``cupy`` (kernel functions that only record the call), torch's
+current CUDA stream and the device probe; layers and inputs live on the CPU. Inputs are small (16 rows)
+so that CPU malloc stands in for the caching allocator's cost. Prints a markdown table with the date.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import platform
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import pack_import  # noqa: E402, F401, I001  (first: the pack as the package comfyui_svdquant, as the tests import it)
+from stub_gpu import cuda_looking, stub_gpu  # noqa: E402, I001
 from test_layers import random_w4a4  # noqa: E402, I001
 
-from comfyui_svdquant.kernels import backend, build, runtime  # noqa: E402
+from comfyui_svdquant.kernels import backend  # noqa: E402
 
 SHAPES = {  # name: (in, out, rank); rank 32 as the published FLUX checkpoints
     "FLUX qkv 3072→9216": (3072, 9216, 32),
     "FLUX mlp 12288→3072": (12288, 3072, 32),
     "SDXL attn 640→640": (640, 640, 32),
 }
-
-
-class _NoopKernel:
-    def __call__(self, grid, block, args, shared_mem=0, stream=None) -> None:
-        pass
-
-
-class _FakeStream:
-    def __enter__(self) -> _FakeStream:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    @staticmethod
-    def from_external(external) -> _FakeStream:
-        return _FakeStream()
-
-
-def _fake_cupy() -> types.ModuleType:
-    cupy = types.ModuleType("cupy")
-    cupy.cuda = types.SimpleNamespace(Device=lambda index: contextlib.nullcontext(), Stream=_FakeStream,
-                                      ExternalStream=lambda handle, index: _FakeStream())
-    return cupy
-
-
-@contextlib.contextmanager
-def stubbed_launches():
-    """A runtime.Device whose kernels do nothing, reached for CPU tensors."""
-    device = runtime.Device(0, "stub", (8, 9), "sm_89")
-    for family in build.FAMILIES:
-        device._modules[family] = []
-    names = [f"svdq_{kind}_{mode}_{dt}" for kind in ("quantize", "gemm") for mode in ("int4", "uint4", "nvfp4")
-             for dt in ("bf16", "fp16")]
-    device._functions.update({name: _NoopKernel() for name in names})
-    stream = types.SimpleNamespace(cuda_stream=0)
-    saved = sys.modules.get("cupy"), torch.cuda.current_stream, backend._device
-    sys.modules["cupy"] = _fake_cupy()
-    torch.cuda.current_stream = lambda index=None: stream
-    backend._device = lambda layer, x, family, what: device
-    try:
-        yield device
-    finally:
-        sys.modules["cupy"], torch.cuda.current_stream, backend._device = saved
-        if saved[0] is None:
-            del sys.modules["cupy"]
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -102,22 +55,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with stubbed_launches():
+    with stub_gpu() as gpu:
         print(f"Launch-path CPU cost per layer call, {args.rows} rows, launches stubbed; {datetime.date.today()}, "
               f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, torch "
               f"{torch.__version__}\n")
-        print("| layer | precision | backend.w4a4 µs | layer(x) µs |")
-        print("| --- | --- | ---: | ---: |")
-        backend._install(True)  # layer(x) reaches the kernels through the dispatch table
+        print("| layer | precision | µs per call |")
+        print("| --- | --- | ---: |")
         for name, (k, n, rank) in SHAPES.items():
             for precision in ("int4", "nvfp4"):
                 layer = random_w4a4(k, n, rank, precision)
-                x = torch.randn(args.rows, k, dtype=torch.bfloat16)
+                x = cuda_looking(torch.randn(args.rows, k, dtype=torch.bfloat16))
                 assert backend.w4a4(layer, x) is not None, "the stubbed kernel path was not taken"
-                direct = per_call_us(lambda layer=layer, x=x: backend.w4a4(layer, x), args.calls)
-                whole = per_call_us(lambda layer=layer, x=x: layer(x), args.calls)
-                print(f"| {name} | {precision} | {direct:.1f} | {whole:.1f} |")
-        backend._install(False)
+                cost = per_call_us(lambda layer=layer, x=x: backend.w4a4(layer, x), args.calls)
+                print(f"| {name} | {precision} | {cost:.1f} |")
+                gpu.launches.clear()
 
 if __name__ == "__main__":
     main()

@@ -1,19 +1,31 @@
 """The kernels as the core's dispatch sees them: one function per layer kind, and :func:`enable`.
 
 ``w4a4(layer, x)`` / ``w4a16(layer, x)`` run the fused kernels, or return None (the core then runs the
-layer's reference path) when this call cannot use them: a CPU tensor, a GPU or precision the kernels
-do not cover, an input whose dtype differs from the layer's. Each distinct reason is logged once.
+layer's reference path) when they cannot serve the call: a CPU tensor, a GPU or precision the kernels
+do not cover, tensors outside the kernels' dtype rule (``svdquant.layers.to_compute_dtype``), a launch
+the driver refuses. Each distinct reason is logged once. A Python error is a bug and raises; a CUDA
+error that leaves the GPU unusable raises too, naming the layer and shape.
+
+A call does only what changes per call. A *plan* (kernel handles, grids, the constant arguments packed
+for the driver) is made once per set of weight tensors, input shape and device, and kept in a small
+table keyed by exactly what it depends on (the tensors' addresses, shapes and dtypes), so a shallow
+copy of a layer (what a LoRA call runs) shares its plan and freed weights can never be read. A call then
+allocates its output and one workspace, fills in their addresses and the input's, and launches.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..svdquant import dispatch, packing
 from ..svdquant.errors import SVDQuantError
+from ..svdquant.layers import compute_dtype_problem
 from . import build, runtime
 
 log = logging.getLogger(__name__)
@@ -21,68 +33,99 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "cuda", "torch")
 W4A16_MAX_ROWS = 64  # the GEMV re-reads the weights every 4 rows; larger batches use the reference matmul
 _ROW_TILE = 128  # kernel 2's rows per CTA: kernel 1's outputs are padded to it
+_MAX_PLANS = 4096  # a FLUX model has ~500 quantized layers, each seeing a few input shapes
 Launch = tuple  # (kernel name, grid (x, y, z), threads per block, arguments)
 _noted: set[str] = set()
 _last_choice: str | None = None
 
 
-def _note(reason: str) -> None:
-    """Log a per-layer fallback reason the first time it happens."""
-    if reason not in _noted:
-        _noted.add(reason)
-        log.info("SVDQuant: reference path for %s", reason)
+class _Slot(str):
+    """A launch argument that changes per call (the input, the output, a workspace)."""
+
+
+X, Y, CODES, ASCALES, LORA_ACT = (_Slot(n) for n in ("x", "y", "codes", "ascales", "lora_act"))
+
+
+@dataclass
+class _Plan:
+    device: runtime.Device
+    family: str
+    launches: list[tuple[object, tuple[int, int, int], int, tuple]]  # (function, grid, block, packed args)
+    workspace: tuple[int, int, int] | None  # words of codes, ascales, lora_act (W4A4)
+    keep: list[torch.Tensor]  # weight copies made to meet the kernels' alignment, alive while the plan is
+
+
+_plans: dict[tuple, _Plan | str] = {}  # key → plan, or why this layer and shape takes the reference path
+
+
+def _note(reason: str, level: int = logging.INFO, kind: str | None = None) -> None:
+    """Log a fallback reason the first time it (or another of its ``kind``) happens."""
+    kind = kind or reason
+    if kind not in _noted:
+        _noted.add(kind)
+        log.log(level, "SVDQuant: reference path for %s", reason)
+
+
+def _label(layer: torch.nn.Module) -> str:
+    name = getattr(layer, "name", "")
+    return f"layer '{name}'" if name else f"a {layer.in_features}→{layer.out_features} layer"
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
 
 
 def _ready(t: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned (the kernels use 16-byte vector loads)."""
     t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
+    return t if _aligned(t) else t.clone()
 
 
-def _fallback(layer: torch.nn.Module, reason: str) -> None:
+def _fallback(layer: torch.nn.Module, reason: str, level: int = logging.INFO, kind: str | None = None) -> None:
     """The reference path will run this call: say so once, or refuse if the user demanded the kernels."""
     if layer.kernel_backend == "cuda":
         raise SVDQuantError(f"kernel backend 'cuda' requested, but the CUDA kernels cannot run {reason}")
-    _note(reason)
+    _note(reason, level, kind)
 
 
-def _device(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str) -> runtime.Device | None:
-    if not x.is_cuda:
-        return None  # CPU inference: the reference path is the only one
+def _gpu(layer: torch.nn.Module, index: int, family: str) -> runtime.Device | str:
+    """GPU ``index`` with ``family`` loaded, or why the kernels cannot run ``layer`` there."""
     try:
-        device = runtime.probe(x.device.index)
+        device = runtime.probe(index)
     except runtime.Unavailable as exc:
-        _fallback(layer, f"{what} on cuda:{x.device.index}: {exc}")
-        return None
+        return f"cuda:{index}: {exc}"
     device.load(family)
     why = device.unsupported.get(family)
     if why:
-        _fallback(layer, f"{what} on {device.name}: {why}")
-        return None
-    if device.capability < (8, 0) and x.dtype == torch.bfloat16:
-        _fallback(layer, f"bfloat16 {what} on {device.name}: sm_75 has no bf16 tensor cores (load the model as "
-                         "float16)")
+        return f"{device.name}: {why}"
+    if device.capability < (8, 0) and layer.compute_dtype == torch.bfloat16:
+        return f"{device.name}: sm_75 has no bf16 tensor cores (load the model as float16)"
+    return device
+
+
+def _device(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str) -> runtime.Device | None:
+    """The GPU of ``x`` with ``family`` loaded, or None (said once) when the kernels cannot run there."""
+    device = _gpu(layer, x.device.index, family)
+    if isinstance(device, str):
+        _fallback(layer, f"{what} on {device}")
         return None
     return device
 
 
-def _padded_input(x: torch.Tensor, kp: int) -> torch.Tensor:
-    if x.shape[1] != kp:  # in_features is not a multiple of 128: the buffers are zero-padded, so is x
-        x = F.pad(x, (0, kp - x.shape[1]))
-    return _ready(x)
+def _padded(x: torch.Tensor, kp: int) -> torch.Tensor:
+    """A contiguous, aligned copy of ``x`` zero-padded to ``kp`` columns (where the kernel needs one)."""
+    return _ready(x if x.shape[1] == kp else F.pad(x, (0, kp - x.shape[1])))
 
 
-def _launch(layer: torch.nn.Module, device: runtime.Device, family: str, launches: list[Launch]) -> bool:
-    """Run the launches; a launch the driver refuses (resources, configuration) turns the family off on
-    this GPU and the call falls back, rather than failing the user's workflow."""
-    try:
-        for name, grid, block, args in launches:
-            device.launch(family, name, grid, block, args)
-    except Exception as exc:
-        device.unsupported[family] = f"launch failure ({type(exc).__name__}: {exc})"
-        _fallback(layer, f"{family} layers on {device.name}: {device.unsupported[family]}")
-        return False
-    return True
+def _input(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, int, int]:
+    """``x`` as kernel 1 reads it, with its row stride and column count: a view is read in place when its
+    rows are dense and 16-byte aligned (FLUX's linear2 halves and SDXL's 320-wide layers need no copy);
+    anything else is copied once, padded to ``kp`` columns."""
+    m, k = x.shape
+    ldx = x.stride(0) if m > 1 else k
+    if x.stride(1) == 1 and k % 8 == 0 and ldx % 8 == 0 and ldx >= k and _aligned(x):
+        return x, ldx, k
+    return _padded(x, kp), kp, kp
 
 
 def _output(out: torch.Tensor | None, m: int, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -93,80 +136,205 @@ def _output(out: torch.Tensor | None, m: int, n: int, like: torch.Tensor) -> tor
     return out
 
 
-def plan_w4a4(layer: torch.nn.Module, x: torch.Tensor,
-              out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Launch]]:
-    """The output, workspaces and the two launches (kernel 1, kernel 2) of a W4A4 forward of a 2-D input
-    with at least one row. Arguments are tensors (device pointers), None (null) and ints."""
-    dtype, m, n_out = layer.smooth_factor.dtype, x.shape[0], layer.out_features
+def _suffix(layer: torch.nn.Module, mode: str) -> str:
+    return f"{mode}_{'bf16' if layer.compute_dtype == torch.bfloat16 else 'fp16'}"
+
+
+def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int) -> tuple[list[Launch], tuple[int, int, int]]:
+    """Kernel 1 and kernel 2 of a W4A4 forward of ``m`` rows (arguments: weight tensors, None, ints and
+    the per-call slots), and the workspace words they share (codes, ascales, lora_act)."""
     np_, kp, rank = layer.qweight.shape[0], layer.qweight.shape[1] * 2, layer.rank
     mp = packing.round_up(m, _ROW_TILE)
-    x = _padded_input(x, kp)
     nvfp4 = layer.precision == "nvfp4"
-    mode = "nvfp4" if nvfp4 else ("uint4" if layer.act_unsigned else "int4")
-    suffix = f"{mode}_{'bf16' if dtype == torch.bfloat16 else 'fp16'}"
-    codes = torch.empty(mp * kp // 8, dtype=torch.int32, device=x.device)
-    ascales = torch.empty(mp * kp // 64, dtype=torch.float32, device=x.device)  # NVFP4: the same count of u32
-    lora_act = torch.empty(max(mp * rank // 2, 4), dtype=torch.int32, device=x.device)
-    y = _output(out, m, n_out, x)
-    return y, [
+    suffix = _suffix(layer, "nvfp4" if nvfp4 else ("uint4" if layer.act_unsigned else "int4"))
+    workspace = (mp * kp // 8, mp * kp // 64, max(mp * rank // 2, 4))  # NVFP4 scales: the same count of u32
+    return [
         (f"svdq_quantize_{suffix}", (mp // 16, 1, max(1, -(-rank // 64))), 128,
-         [x, _ready(layer.smooth_factor), _ready(layer.proj_down), codes, ascales, lora_act, m, kp, rank, mp]),
+         [X, layer.smooth_factor, layer.proj_down, CODES, ASCALES, LORA_ACT, m, ldx, kx, kp, rank, mp]),
         (f"svdq_gemm_{suffix}", (np_ // 128, mp // _ROW_TILE, 1), 256,
-         [codes, ascales, _ready(layer.qweight), _ready(layer.wscales), lora_act, _ready(layer.proj_up),
-          None if layer.bias is None else _ready(layer.bias), _ready(layer.wcscales) if nvfp4 else None,
-          _ready(layer.wtscale) if nvfp4 else None, y, m, n_out, kp, rank, mp]),
-    ]
+         [CODES, ASCALES, layer.qweight, layer.wscales, LORA_ACT, layer.proj_up, layer.bias,
+          layer.wcscales if nvfp4 else None, layer.wtscale if nvfp4 else None, Y, m, layer.out_features, kp, rank,
+          mp]),
+    ], workspace
+
+
+def _w4a16_launches(layer: torch.nn.Module, m: int) -> list[Launch]:
+    np_, kp = layer.qweight.shape[0] * 4, layer.qweight.shape[1] * 2
+    rows = 1 if m == 1 else 2 if m == 2 else 4
+    return [(f"svdq_gemv_w4a16_{_suffix(layer, '')[1:]}_m{rows}", (np_ // 16, -(-m // rows), 1), 128,
+             [layer.qweight, layer.wscales, layer.wzeros, layer.bias, X, Y, m, layer.out_features, kp, np_])]
+
+
+def _workspaces(words: tuple[int, int, int], device: torch.device) -> list[torch.Tensor]:
+    """One allocation for the three workspaces (each a multiple of 16 bytes, so each stays aligned)."""
+    return list(torch.empty(sum(words), dtype=torch.int32, device=device).split(words))
+
+
+def _readable(launches: list[Launch], values: dict[_Slot, torch.Tensor]) -> list[Launch]:
+    return [(name, grid, block, [values[a] if isinstance(a, _Slot) else _ready(a) if isinstance(a, torch.Tensor)
+                                 else a for a in args]) for name, grid, block, args in launches]
+
+
+def plan_w4a4(layer: torch.nn.Module, x: torch.Tensor,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Launch]]:
+    """The output and the two launches (kernel 1, kernel 2) of a W4A4 forward of a 2-D input with at least
+    one row, with tensors (device pointers), None (null) and ints as arguments (tests, benchmarks)."""
+    x, ldx, kx = _input(x, layer.qweight.shape[1] * 2)
+    launches, words = _w4a4_launches(layer, x.shape[0], ldx, kx)
+    codes, ascales, lora_act = _workspaces(words, x.device)
+    y = _output(out, x.shape[0], layer.out_features, x)
+    return y, _readable(launches, {X: x, Y: y, CODES: codes, ASCALES: ascales, LORA_ACT: lora_act})
 
 
 def plan_w4a16(layer: torch.nn.Module, x: torch.Tensor,
                out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Launch]]:
     """The output and the launch of a W4A16 forward of a 2-D input with 1 to W4A16_MAX_ROWS rows."""
-    dtype, m, n_out = layer.wscales.dtype, x.shape[0], layer.out_features
-    np_, kp = layer.qweight.shape[0] * 4, layer.qweight.shape[1] * 2
-    rows = 1 if m == 1 else 2 if m == 2 else 4
-    y = _output(out, m, n_out, x)
-    name = f"svdq_gemv_w4a16_{'bf16' if dtype == torch.bfloat16 else 'fp16'}_m{rows}"
-    return y, [(name, (np_ // 16, -(-m // rows), 1), 128,
-                [_ready(layer.qweight), _ready(layer.wscales), _ready(layer.wzeros),
-                 None if layer.bias is None else _ready(layer.bias), _padded_input(x, kp), y, m, n_out, kp, np_])]
+    x = _padded(x, layer.qweight.shape[1] * 2)
+    y = _output(out, x.shape[0], layer.out_features, x)
+    return y, _readable(_w4a16_launches(layer, x.shape[0]), {X: x, Y: y})
+
+
+def _pack(arg: object, keep: list[torch.Tensor]) -> object:
+    """A constant launch argument as the driver takes it: a device pointer, a null pointer or an int32."""
+    if isinstance(arg, _Slot):
+        return arg
+    if isinstance(arg, torch.Tensor):
+        ready = _ready(arg)
+        if ready is not arg:
+            keep.append(ready)
+        return np.uint64(ready.data_ptr())
+    return np.uint64(0) if arg is None else np.int32(arg)
+
+
+def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, launches: list[Launch],
+               workspace: tuple[int, int, int] | None) -> _Plan | str:
+    problem = compute_dtype_problem(layer)
+    if problem is None and x.dtype != layer.compute_dtype:
+        problem = f"its input is {str(x.dtype).removeprefix('torch.')}"
+    if problem is None and layer.qweight.device != x.device:
+        problem = f"its weights are on {layer.qweight.device}, its input on {x.device}"
+    if problem:
+        reason = (f"{what} whose tensors the kernels cannot read as they are (first: {_label(layer)}: {problem}; "
+                  "SVDQuant's loaders put every tensor in the model's compute dtype)")
+        _fallback(layer, reason, logging.WARNING, kind=f"{what}: dtype rule")
+        return reason
+    device = _device(layer, x, family, what)
+    if device is None:
+        return f"{what}: no kernel on cuda:{x.device.index}"
+    keep: list[torch.Tensor] = []
+    packed = [(device.function(family, name), grid, block, tuple(_pack(a, keep) for a in args))
+              for name, grid, block, args in launches]
+    return _Plan(device, family, packed, workspace, keep)
+
+
+def _plan_key(layer: torch.nn.Module, x: torch.Tensor, *shape: int) -> tuple:
+    """Everything a plan depends on: the input's shape, dtype and device, the weights' addresses and
+    layouts, and the layer's kind."""
+    tensors = [t for t in layer._buffers.values() if t is not None]
+    return (*shape, x.dtype, x.device.index, layer.out_features, layer.kernel_backend,
+            getattr(layer, "precision", "w4a16"), getattr(layer, "act_unsigned", False),
+            *((t.data_ptr(), t.shape, t.dtype) for t in tensors))
+
+
+def _cached(key: tuple, make) -> _Plan | str:
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.pop(next(iter(_plans)))
+        plan = _plans[key] = make()
+    return plan
+
+
+def _run(plan: _Plan, key: tuple, layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Launch a plan; False (said once, and this layer and shape falls back from now on) when the driver
+    refuses a launch but the GPU stays usable."""
+    values = {X: np.uint64(x.data_ptr()), Y: np.uint64(y.data_ptr())}
+    if plan.workspace:  # one allocation, served by torch's caching allocator, for the three workspaces
+        workspace = torch.empty(sum(plan.workspace), dtype=torch.int32, device=x.device)  # held past the launches
+        address = workspace.data_ptr()
+        for slot, words in zip((CODES, ASCALES, LORA_ACT), plan.workspace, strict=True):
+            values[slot] = np.uint64(address)
+            address += 4 * words
+    device = plan.device
+    stream = device.stream()
+    try:
+        for function, grid, block, args in plan.launches:
+            device.launch_packed(function, grid, block, tuple(values[a] if a.__class__ is _Slot else a for a in args),
+                                 stream)
+    except runtime.LaunchError as exc:
+        where = f"{_label(layer)} with a {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} input"
+        if exc.sticky:
+            raise SVDQuantError(f"CUDA error on {plan.device.name} while launching the SVDQuant kernels for {where}: "
+                                f"{exc}. The GPU context is no longer usable (this or an earlier GPU operation "
+                                "failed); restart ComfyUI") from exc
+        _plans[key] = reason = f"{plan.family} layers on {plan.device.name}: the driver refused a launch ({exc})"
+        _fallback(layer, f"{reason}, first for {where}", logging.WARNING, kind=reason)
+        return False
+    return True
 
 
 def w4a4(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Fused W4A4 forward of ``layer`` (svdquant.layers.W4A4Linear) for a 2-D input, into ``out`` if given."""
-    family = layer.precision  # "int4" | "nvfp4"
-    device = _device(layer, x, family, f"{family} W4A4 layers")
-    if device is None:
-        return None
-    dtype = layer.smooth_factor.dtype
-    sixteen = [getattr(layer, name, None) for name in ("proj_down", "proj_up", "bias", "wcscales", "wtscale")]
-    sixteen = [t for t in sixteen if t is not None]
-    if x.dtype != dtype or layer.qweight.device != x.device or any(t.dtype != dtype for t in sixteen):
-        _fallback(layer, f"W4A4 layers whose input ({x.dtype}, {x.device}) differs from their weights ({dtype}, "
-                         f"{layer.qweight.device}) or whose 16-bit tensors mix dtypes")
-        return None
-    if x.shape[0] == 0:
+    if not x.is_cuda:
+        return None  # CPU inference: the reference path is the only one
+    m = x.shape[0]
+    if m == 0:
         return x.new_empty((0, layer.out_features))
-    y, launches = plan_w4a4(layer, x, out)
-    return y if _launch(layer, device, family, launches) else None
+    x, ldx, kx = _input(x, layer.qweight.shape[1] * 2)
+    key = _plan_key(layer, x, m, ldx, kx)
+    family = layer.precision  # "int4" | "nvfp4"
+    plan = _cached(key, lambda: _make_plan(layer, x, family, f"{family} W4A4 layers",
+                                           *_w4a4_launches(layer, m, ldx, kx)))
+    if plan.__class__ is str:
+        return None
+    y = _output(out, m, layer.out_features, x)
+    return y if _run(plan, key, layer, x, y) else None
 
 
 def w4a16(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Fused W4A16 forward of ``layer`` (svdquant.layers.W4A16Linear) for a 2-D input, into ``out`` if given."""
-    device = _device(layer, x, "w4a16", "W4A16 layers")
-    if device is None:
+    if not x.is_cuda:
         return None
-    dtype = layer.wscales.dtype
-    if x.dtype != dtype or layer.qweight.device != x.device:
-        _fallback(layer, f"W4A16 layers whose input ({x.dtype}, {x.device}) differs from their weights ({dtype}, "
-                         f"{layer.qweight.device})")
-        return None
-    if x.shape[0] > W4A16_MAX_ROWS:
+    m = x.shape[0]
+    if m > W4A16_MAX_ROWS:
         _note(f"W4A16 layers with more than {W4A16_MAX_ROWS} input rows (the kernel is a small-batch GEMV)")
         return None
-    if x.shape[0] == 0:
+    if m == 0:
         return x.new_empty((0, layer.out_features))
-    y, launches = plan_w4a16(layer, x, out)
-    return y if _launch(layer, device, "w4a16", launches) else None
+    x = _padded(x, layer.qweight.shape[1] * 2)
+    key = _plan_key(layer, x, m)
+    plan = _cached(key, lambda: _make_plan(layer, x, "w4a16", "W4A16 layers", _w4a16_launches(layer, m), None))
+    if plan.__class__ is str:
+        return None
+    y = _output(out, m, layer.out_features, x)
+    return y if _run(plan, key, layer, x, y) else None
+
+
+def fused_path_problem(layer: torch.nn.Module, device: torch.device) -> str | None:
+    """Why ``layer`` would run on the reference path on ``device`` (None: on the fused kernels), judged from
+    the layer and the device as they are now: what the loader counts in its log line."""
+    if layer.kernel_backend == "torch":
+        return "kernel backend 'torch' chosen"
+    if device.type != "cuda":
+        return f"no CUDA kernels on {device.type}"
+    if dispatch.installed("w4a4" if hasattr(layer, "precision") else "w4a16") is None:
+        return "the CUDA kernels are not enabled"
+    gpu = _gpu(layer, torch.cuda.current_device() if device.index is None else device.index,
+               getattr(layer, "precision", "w4a16"))
+    return gpu if isinstance(gpu, str) else compute_dtype_problem(layer)
+
+
+def path_summary(layers: list[torch.nn.Module], device: torch.device) -> str:
+    """'340 layers on the CUDA kernels' / '300 … , 40 on the reference path (40: reason)'."""
+    reasons = Counter(fused_path_problem(layer, device) for layer in layers)
+    fused = reasons.pop(None, 0)
+    if not reasons:
+        return f"{fused} layers on the CUDA kernels"
+    why = "; ".join(f"{count}: {reason}" if len(reasons) > 1 else reason for reason, count in reasons.most_common())
+    reference = sum(reasons.values())
+    if not fused:
+        return f"{reference} layers on the PyTorch reference path ({why})"
+    return f"{fused} layers on the CUDA kernels, {reference} on the PyTorch reference path ({why})"
 
 
 def _install(on: bool) -> None:

@@ -55,7 +55,7 @@ template <class T, int MODE> struct Kernel2 {
         const u32* proj_up;   // (N, R) 16-bit packed = [N/16][R/16][32 lanes][4 words]
         const u16* bias;      // (N,) packed vector, or null
         const u16* wcscales;  // NVFP4: (N,) packed vector
-        const u16* wtscale;   // NVFP4: [1]
+        const float* wtscale; // NVFP4: [1], fp32 whatever the file stored (bf16 and fp16 values are exact in it)
         u16* y;               // (M, N_out) row-major
         int M, N_out, K, R, Mp;
     };
@@ -220,7 +220,7 @@ template <class T, int MODE> struct Kernel2 {
 
         if constexpr (FP4) {
             // The block-scaled MMA applied the FP8 scales; the per-channel and per-tensor factors remain.
-            const float tensor_scale = to_f32<T>(ldg2(p.wtscale));
+            const float tensor_scale = *p.wtscale;
 #pragma unroll
             for (int j = 0; j < 2; j++) {
                 float cs[4];
@@ -268,7 +268,7 @@ template <class T, int MODE> struct Kernel2 {
 #define SVDQ_GEMM(NAME, T, MODE)                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(                                           \
         const u32* codes, const void* ascales, const u32* qweight, const void* wscales, const u32* lora_act, \
-        const u32* proj_up, const u16* bias, const u16* wcscales, const u16* wtscale, u16* y, int M,         \
+        const u32* proj_up, const u16* bias, const u16* wcscales, const float* wtscale, u16* y, int M,       \
         int N_out, int K, int R, int Mp) {                                                                   \
         Kernel2<T, MODE>::run({codes, ascales, qweight, wscales, lora_act, proj_up, bias, wcscales, wtscale,  \
                                y, M, N_out, K, R, Mp});                                                      \

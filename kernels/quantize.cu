@@ -1,7 +1,10 @@
 // Kernel 1 of an SVDQuant W4A4 layer: quantize the activations and run the low-rank branch's
 // down-projection, reading the 16-bit input once.
 //
-//   x (M, K) 16-bit, row-major (K = the layer's padded in_features, a multiple of 128)
+//   x (M, Kx) 16-bit, rows ldx elements apart: a view into a wider tensor needs no copy (FLUX's linear2
+//     reads two column ranges of one input). Columns Kx..K-1 read as zero, so an in_features that is
+//     not a multiple of 128 needs no padded copy either (K = the padded in_features, a multiple of 128;
+//     Kx and ldx multiples of 8 and x 16-byte aligned, for the 16-byte loads).
 //   → codes     4-bit activations, as m16n8k64 A fragments          (what kernel 2 multiplies)
 //   → ascales   per token per group scales, in the lanes kernel 2 needs them
 //   → lora_act  round16(x · proj_down), as m16n8k16 A fragments    (kernel 2's branch-up input)
@@ -193,7 +196,7 @@ template <class T, int MODE> struct Kernel1 {
 
     static DEVICE void run(const u16* __restrict__ x, const u16* __restrict__ smooth, const u16* __restrict__ down,
                            u32* __restrict__ codes, void* __restrict__ ascales, u32* __restrict__ lora_act, int M,
-                           int K, int R, int Mp) {
+                           int ldx, int Kx, int K, int R, int Mp) {
         __shared__ __align__(16) Shared sm;
         const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
         const int mt = blockIdx.x, G = K / 64, RT = R / 16;
@@ -207,8 +210,8 @@ template <class T, int MODE> struct Kernel1 {
             for (int i = 0; i < ROWS * SEGS / (WARPS * 32); i++) {
                 const int s = tid + i * WARPS * 32, r = s / SEGS, seg = s % SEGS;
                 const int row = 16 * mt + r, k = k0 + 8 * seg;
-                const bool ok = row < M && k < K;
-                cp_async16(&sm.stage.x[buf][r][(seg ^ swz(r)) << 3], ok ? x + (size_t)row * K + k : x, ok);
+                const bool ok = row < M && k < Kx;
+                cp_async16(&sm.stage.x[buf][r][(seg ^ swz(r)) << 3], ok ? x + (size_t)row * ldx + k : x, ok);
             }
             if (tid < SEGS) {
                 const bool ok = k0 + 8 * tid < K;
@@ -282,8 +285,8 @@ template <class T, int MODE> struct Kernel1 {
 #define SVDQ_QUANTIZE(NAME, T, MODE)                                                                         \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                                 \
         const u16* x, const u16* smooth, const u16* down, u32* codes, void* ascales, u32* lora_act, int M,    \
-        int K, int R, int Mp) {                                                                              \
-        Kernel1<T, MODE>::run(x, smooth, down, codes, ascales, lora_act, M, K, R, Mp);                       \
+        int ldx, int Kx, int K, int R, int Mp) {                                                             \
+        Kernel1<T, MODE>::run(x, smooth, down, codes, ascales, lora_act, M, ldx, Kx, K, R, Mp);              \
     }
 
 #if defined(SVDQ_FAMILY_INT4)

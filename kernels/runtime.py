@@ -21,6 +21,24 @@ class Unavailable(RuntimeError):
     """The kernels cannot run in this process or on this GPU; the message says why."""
 
 
+# CUDA driver errors after which the context is unusable (illegal address, hardware stack error, illegal
+# instruction, misaligned address, invalid address space, invalid PC, launch failed): every later call
+# fails too, so no fallback can help.
+STICKY = frozenset({700, 714, 715, 716, 717, 718, 719})
+
+
+class LaunchError(RuntimeError):
+    """The driver refused or failed a kernel launch (CuPy's CUDADriverError, with its status)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def sticky(self) -> bool:
+        return self.status in STICKY
+
+
 def torch_cuda_major() -> int:
     """CUDA major version of the installed torch (which decides the NVRTC and CuPy wheels)."""
     if getattr(torch.version, "hip", None):
@@ -115,18 +133,31 @@ class Device:
     def launch_function(self, function, grid: tuple[int, int, int], block: int, args: list) -> None:
         """Launch a CuPy kernel function on torch's current stream of this device. ``args``: tensors
         (passed as device pointers), None (a null pointer) and ints (int32)."""
-        cupy = import_cupy()
+        packed = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.uint64(0) if a is None
+                       else np.int32(a) for a in args)
+        self.launch_packed(function, grid, block, packed, self.stream())
+
+    def stream(self):
+        """CuPy's handle on torch's current stream of this device."""
         current = torch.cuda.current_stream(self.index)
         stream = self._streams.get(current.cuda_stream)
         if stream is None:  # CuPy 14 takes the stream protocol; CuPy 13 the raw handle
+            cupy = import_cupy()
             from_external = getattr(cupy.cuda.Stream, "from_external", None)
             stream = from_external(current) if from_external else cupy.cuda.ExternalStream(current.cuda_stream,
                                                                                            self.index)
             self._streams[current.cuda_stream] = stream
-        packed = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.uint64(0) if a is None
-                       else np.int32(a) for a in args)
-        with cupy.cuda.Device(self.index), stream:
-            function(grid, (block, 1, 1), packed)
+        return stream
+
+    def launch_packed(self, function, grid: tuple[int, int, int], block: int, args: tuple, stream) -> None:
+        """Launch with arguments already as the driver takes them (numpy uint64 pointers, int32 ints) on
+        ``stream`` (from :meth:`stream`); a driver error is raised as :class:`LaunchError`."""
+        cupy = import_cupy()
+        with cupy.cuda.Device(self.index):
+            try:
+                function(grid, (block, 1, 1), args, stream=stream)
+            except cupy.cuda.driver.CUDADriverError as exc:
+                raise LaunchError(exc.status, str(exc)) from exc
 
 
 _devices: dict[int, Device | Unavailable] = {}

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ..svdquant.errors import SVDQuantError
-from ..svdquant.layer_io import cast_16bit
 from ..svdquant.quantizer.model import BlockPlan, Group, Target
 from . import detection, parts
 from .architecture import Architecture, Block, QuantizedLayer, all_layers
@@ -126,8 +125,7 @@ def assemble(source_model, modules: dict[str, nn.Module], dtype: torch.dtype | N
             kept += [f"{layer.module}.{name}" for name in ("weight", "bias") if getattr(op, name, None) is not None]
             continue
         body = body_from_parts(layer, modules)
-        for leaf in parts.quantized_modules(body):
-            cast_16bit(leaf, dtype)
+        parts.fit_to_model(body, layer.module, dtype)
         model.diffusion_model.get_submodule(layer.module).set_quantized(body)
     source = source_model.diffusion_model
     tensor_of = tensor_of or (lambda key: source.get_parameter(key).detach())

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from ..kernels import enable as enable_kernels
-from ..svdquant.checkpoint import CheckpointReader, holds_svdquant
+from ..kernels.backend import path_summary
+from ..svdquant.checkpoint import CheckpointReader, holds_svdquant, layer_names
 from ..svdquant.errors import CheckpointError, SVDQuantError
-from ..svdquant.layer_io import cast_16bit
+from ..svdquant.layers import SIXTEEN_BIT
 from . import dense_layers, detection, parts
 from .architecture import Architecture, all_layers
 from .compat import check_version
@@ -84,6 +85,18 @@ def checkpoint_shapes(architecture: Architecture, reader: CheckpointReader, unet
     return shapes
 
 
+def stored_dtype(reader: CheckpointReader, quantized: list) -> torch.dtype:
+    """The 16-bit dtype of the file's quantized layers: that of a W4A4 layer's smoothing factors or a
+    W4A16 layer's scales (NVFP4 weight scales are fp8, so they cannot tell)."""
+    for layer in quantized:
+        for part in layer.parts:
+            names = layer_names(part.prefix, reader.keys)
+            for name in ("smooth_factor", "wscales"):
+                if name in names and reader.dtype(names[name]) in SIXTEEN_BIT:
+                    return reader.dtype(names[name])
+    return torch.bfloat16
+
+
 def build_config(model_config, dtype: torch.dtype):
     """``model_config`` set to build its model (``get_model``) in ``dtype`` with SVDQuant operations."""
     model_config.set_inference_dtype(dtype, None)
@@ -113,14 +126,13 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend
         layers = all_layers(architecture.blocks(unet_config))
         kept = {layer.module: dense_layers.read_dense(reader, layer) for layer in layers}
         quantized = [layer for layer in layers if kept[layer.module] is None]
-        file_dtype = reader.dtype(quantized[0].parts[0].prefix + ".wscales") if quantized else torch.bfloat16
-        if file_dtype not in (torch.bfloat16, torch.float16):
-            file_dtype = torch.bfloat16  # NVFP4 scales are fp8; the branch and bias dtype decides below
+        file_dtype = stored_dtype(reader, quantized)
         compute_dtype = resolve_dtype(dtype, file_dtype, load_device)
         model = build_config(model_config, compute_dtype).get_model({})
         diffusion_model = model.diffusion_model
         consumed: set[str] = set()
         dense = {}
+        leaves = []
         for index, layer in enumerate(layers):
             if kept[layer.module] is not None:  # a layer the file keeps 16-bit (see :mod:`.dense_layers`)
                 weight, bias = kept[layer.module]
@@ -130,9 +142,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend
                 consumed.update(dense_layers.stored_keys(layer))
                 continue
             body = parts.read_layer(reader, layer, info)
-            for leaf in parts.quantized_modules(body):
-                cast_16bit(leaf, compute_dtype)
+            for leaf in parts.fit_to_model(body, layer.module, compute_dtype):
                 leaf.kernel_backend = kernel_backend
+                leaves.append(leaf)
             op = diffusion_model.get_submodule(layer.module)
             op.set_quantized(body)
             consumed.update(k for p in layer.parts for k in reader.keys if k.startswith(p.prefix + "."))
@@ -154,6 +166,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend
         if leftover:
             log.warning("SVDQuant: %s: %d tensors are not used by the model (e.g. %s)", path, len(leftover),
                         ", ".join(leftover[:3]))
-    log.info("SVDQuant: loaded %s (%s %s, rank %d, compute %s)", os.path.basename(str(path)),
-             architecture.name, info.precision, info.rank, str(compute_dtype).replace("torch.", ""))
+    log.info("SVDQuant: loaded %s (%s %s, rank %d, compute %s; %s)", os.path.basename(str(path)),
+             architecture.name, info.precision, info.rank, str(compute_dtype).replace("torch.", ""),
+             path_summary(leaves, load_device))
     return SVDQuantModelPatcher(model, load_device, comfy.model_management.unet_offload_device())

@@ -10,7 +10,7 @@ from torch import nn
 from ..svdquant import layer_io, packing
 from ..svdquant.checkpoint import CheckpointReader, QuantizationInfo
 from ..svdquant.errors import SVDQuantError
-from ..svdquant.layers import ConcatLinear, SplitInputLinear, W4A4Linear, W4A16Linear
+from ..svdquant.layers import ConcatLinear, SplitInputLinear, W4A4Linear, W4A16Linear, to_compute_dtype
 from .architecture import Part, QuantizedLayer
 
 
@@ -141,7 +141,7 @@ def _from_rows(like: W4A4Linear, rows: dict[str, torch.Tensor], n: int) -> W4A4L
     if "bias" in padded:
         state["bias"] = packing.pack_vector(padded["bias"].squeeze(1))
     layer.load_state_dict(state, assign=True)
-    layer.kernel_backend = like.kernel_backend
+    layer.kernel_backend, layer.name = like.kernel_backend, like.name
     return layer
 
 
@@ -211,3 +211,13 @@ def checkpoint_tensors(bodies: list[tuple[QuantizedLayer, nn.Module]]) -> dict[s
 def quantized_modules(body: nn.Module) -> list[nn.Module]:
     """The W4A4 / W4A16 leaves of a body, in part order."""
     return [m for m in body.modules() if isinstance(m, (W4A4Linear, W4A16Linear))]
+
+
+def fit_to_model(body: nn.Module, module: str, dtype: torch.dtype) -> list[nn.Module]:
+    """Name the leaves of ``body`` after the model's ``module`` (messages name the layer) and put them in
+    the model's compute ``dtype`` by the kernels' dtype rule. Returns the leaves."""
+    leaves = quantized_modules(body)
+    for index, leaf in enumerate(leaves):
+        leaf.name = module if len(leaves) == 1 else f"{module}[{index}]"
+        to_compute_dtype(leaf, dtype)
+    return leaves

@@ -85,9 +85,9 @@ def read_w4a4(reader: CheckpointReader, prefix: str, in_features: int, out_featu
             state["wcscales"] = torch.ones(np_, dtype=dtype)
         if "wtscale" in names:
             _expect(reader, names["wtscale"], (1,), SIXTEEN_BIT + (torch.float32,), what)
-            state["wtscale"] = reader.get(names["wtscale"])
+            state["wtscale"] = reader.get(names["wtscale"]).float()
         else:
-            state["wtscale"] = torch.ones(1, dtype=dtype)
+            state["wtscale"] = torch.ones(1)
     for key, value in state.items():
         if value.is_floating_point() and value.dtype != torch.float8_e4m3fn and not torch.isfinite(value).all():
             raise CheckpointError(reader.path, f"tensor '{prefix}.{CPP_NAMES.get(key, key)}' contains NaN or Inf")
@@ -129,12 +129,7 @@ def layer_state(layer: W4A4Linear | W4A16Linear, prefix: str) -> dict[str, torch
     for name, value in layer.state_dict().items():
         if isinstance(layer, W4A4Linear) and name in ("proj_down", "proj_up") and layer.rank == 0:
             continue  # a layer with no branch stores none; readers treat a missing pair as rank 0
+        if name == "wtscale" and torch.equal(value.to(layer.compute_dtype).float(), value):
+            value = value.to(layer.compute_dtype)  # the published files store it 16-bit; exact here
         out[f"{prefix}.{CPP_NAMES.get(name, name)}"] = value
     return out
-
-
-def cast_16bit(layer: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Convert a quantized layer's 16-bit tensors (scales, smoothing, branch, bias) to ``dtype``."""
-    for name, value in list(layer.named_buffers(recurse=False)):
-        if value.dtype in SIXTEEN_BIT and value.dtype != dtype and name != "wtscale":
-            setattr(layer, name, value.to(dtype))

@@ -22,6 +22,28 @@ from .errors import ConfigError
 
 PRECISIONS = ("int4", "nvfp4")
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+FP32_TENSORS = ("wtscale",)  # NVFP4's per-tensor scale: one value, kept exact whatever the file stored
+
+
+def to_compute_dtype(layer: nn.Module, dtype: torch.dtype) -> None:
+    """The one dtype rule of every tensor a fused kernel reads, for INT4 and NVFP4 whatever the file
+    stores: 16-bit tensors (scales, smoothing, branch, bias) in the compute ``dtype``, the NVFP4
+    per-tensor scale in float32; packed codes and FP8 scales as they are."""
+    for name, value in list(layer.named_buffers(recurse=False)):
+        want = torch.float32 if name in FP32_TENSORS else dtype
+        if value.dtype in (*SIXTEEN_BIT, torch.float32) and value.dtype != want:
+            setattr(layer, name, value.to(want))
+
+
+def compute_dtype_problem(layer: nn.Module) -> str | None:
+    """Which tensor of ``layer`` breaks :func:`to_compute_dtype`'s rule (so no kernel can read it as it
+    is), or None."""
+    dtype = layer.compute_dtype
+    for name, value in layer.named_buffers(recurse=False):
+        want = torch.float32 if name in FP32_TENSORS else dtype
+        if value.dtype in (*SIXTEEN_BIT, torch.float32) and value.dtype != want:
+            return f"its {name} is {str(value.dtype).removeprefix('torch.')}, not {str(want).removeprefix('torch.')}"
+    return None
 
 
 def check_rank(rank: int, where: str = "rank") -> int:
@@ -55,6 +77,7 @@ class W4A4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.precision, self.act_unsigned = precision, act_unsigned
         self.kernel_backend = "auto"  # "auto" | "cuda" | "torch", set by the loader
+        self.name = ""  # the model's name of the layer, for messages (set by the loader)
         kp, np_ = packing.round_up(in_features, packing.TILE), packing.round_up(out_features, packing.TILE)
         group = int4.GROUP if precision == "int4" else nvfp4.GROUP
         scale_dtype = dtype if precision == "int4" else torch.float8_e4m3fn
@@ -74,11 +97,15 @@ class W4A4Linear(nn.Module):
             self.bias = None
         if precision == "nvfp4":
             buffer("wcscales", (np_,), dtype)
-            buffer("wtscale", (1,), dtype)
+            buffer("wtscale", (1,), torch.float32)
 
     @property
     def rank(self) -> int:
         return self.proj_down.shape[1]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.smooth_factor.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -169,6 +196,7 @@ class W4A16Linear(nn.Module):
             raise ConfigError(f"dtype = {dtype}: SVDQuant layers store bfloat16 or float16 tensors")
         self.in_features, self.out_features = in_features, out_features
         self.kernel_backend = "auto"
+        self.name = ""
         kp, np_ = packing.round_up(in_features, packing.TILE), packing.round_up(out_features, packing.TILE)
         self.register_buffer("qweight", torch.empty((np_ // 4, kp // 2), dtype=torch.int32, device=device))
         self.register_buffer("wscales", torch.empty((kp // w4a16.GROUP, np_), dtype=dtype, device=device))
@@ -181,6 +209,10 @@ class W4A16Linear(nn.Module):
         # not part of the checkpoint.
         self.register_buffer("lora_down", None)
         self.register_buffer("lora_up", None)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.wscales.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -36,10 +36,10 @@ HARNESS = r"""
 #include <type_traits>
 #include <utility>
 
-#define Q(name) extern "C" void name(const u16*, const u16*, const u16*, u32*, void*, u32*, int, int, int, int) \
-    __attribute__((weak));
+#define Q(name) extern "C" void name(const u16*, const u16*, const u16*, u32*, void*, u32*, int, int, int, int, int, \
+    int) __attribute__((weak));
 #define G(name) extern "C" void name(const u32*, const void*, const u32*, const void*, const u32*, const u32*,      \
-    const u16*, const u16*, const u16*, u16*, int, int, int, int, int) __attribute__((weak));
+    const u16*, const u16*, const float*, u16*, int, int, int, int, int) __attribute__((weak));
 #define V(name) extern "C" void name(const uint4*, const u16*, const u16*, const u16*, const u16*, u16*, int, int, \
     int, int) __attribute__((weak));
 #define KERNELS(X, Y, Z)                                                                                  \
@@ -121,7 +121,7 @@ def execute(lib: ctypes.CDLL, launches: list) -> None:
 def decode_kernel1(launch, precision: str, m: int):
     """Kernel 1's outputs (the quantize launch's codes, scales, branch input) in the core's shapes:
     codes (M, K) as 4-bit values, scales (M, K/64) fp32 or (M, K/16) fp8, branch input (M, R)."""
-    _, _, _, (x, _, _, codes, scales, lora, _, k, rank, mp) = launch
+    _, _, _, (x, _, _, codes, scales, lora, _, _, _, k, rank, mp) = launch
     g = k // 64
     nib = torch.stack([(codes >> (4 * e)) & 0xF for e in range(8)], -1)  # [mt][grp][g][t][half][h][e]
     nib = nib.reshape(mp // 16, g, 8, 4, 2, 2, 8).permute(0, 5, 2, 1, 4, 3, 6).reshape(mp, k)[:m]
@@ -129,7 +129,7 @@ def decode_kernel1(launch, precision: str, m: int):
         sc = scales.view(torch.uint8).reshape(g, mp // 32, 8, 2, 2, 4).permute(1, 3, 4, 2, 0, 5).reshape(mp, g * 4)
         sc = sc[:m].view(torch.float8_e4m3fn)
     else:  # f32 [G][Mp], row 16mt + 8h + g at 16mt + 2g + h
-        sc = scales.reshape(g, mp // 16, 8, 2).permute(1, 3, 2, 0).reshape(mp, g)[:m]
+        sc = scales.view(torch.float32).reshape(g, mp // 16, 8, 2).permute(1, 3, 2, 0).reshape(mp, g)[:m]
     act = lora.view(torch.int16)[: mp * rank].view(x.dtype)  # [mt][rt][g][t][nh][h][e]
     act = act.reshape(mp // 16, rank // 16, 8, 4, 2, 2, 2).permute(0, 5, 2, 1, 4, 3, 6).reshape(mp, rank)[:m]
     return nib, sc, act
@@ -195,3 +195,15 @@ def test_w4a16_kernel_matches_the_reference(emulators, arch, dtype, m, k, n):
     execute(emulators(arch), launches)
     assert not torch.isnan(y).any()
     assert relative_error(y, layer.reference_forward(x)) < 1e-3
+
+
+@pytest.mark.parametrize("arch,precision", [(800, "int4"), (1200, "nvfp4")])
+def test_w4a4_kernels_read_a_column_view_in_place(emulators, arch, precision):
+    """FLUX's linear2 gives each half a column view of one input: kernel 1 reads it with the row stride."""
+    layer = random_w4a4(384, 256, 32, precision, seed=5)
+    wide = torch.randn(19, 640, generator=torch.Generator().manual_seed(5)).bfloat16()
+    x = wide[:, 128:512]
+    y, launches = backend.plan_w4a4(layer, x)
+    assert launches[0][3][0] is x and launches[0][3][7] == 640  # the view itself and its row stride
+    execute(emulators(arch), launches)
+    assert relative_error(y, layer.reference_forward(x.contiguous())) < 1e-3

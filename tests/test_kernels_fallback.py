@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stub_gpu import cuda_looking
 from test_layers import random_w4a4
 
 from comfyui_svdquant import kernels
@@ -32,6 +33,7 @@ def fresh_state(monkeypatch):
     """Each test starts with no device state, nothing logged and no kernel installed."""
     monkeypatch.setattr(backend, "_last_choice", None)
     monkeypatch.setattr(backend, "_noted", set())
+    monkeypatch.setattr(backend, "_plans", {})
     runtime.reset()
     yield
     runtime.reset()
@@ -146,7 +148,7 @@ def test_per_layer_reason_is_logged_once(caplog, monkeypatch):
     assert choice.startswith("CUDA kernels on Fake GPU (sm_89): int4, w4a16; nvfp4: reference path (NVFP4")
     assert dispatch.installed("w4a4") is backend.w4a4
     layer = random_w4a4(128, 128, 16, "nvfp4")
-    x = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))  # all that is read of it
+    x = cuda_looking(torch.randn(2, 128).bfloat16())
     with caplog.at_level(logging.INFO, logger=LOGGER):
         assert backend.w4a4(layer, x) is None
         assert backend.w4a4(layer, x) is None

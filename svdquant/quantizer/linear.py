@@ -26,7 +26,7 @@ import torch
 
 from .. import int4, packing, w4a16
 from ..errors import CalibrationError, ConfigError
-from ..layers import PRECISIONS, SIXTEEN_BIT, W4A4Linear, W4A16Linear, check_rank
+from ..layers import PRECISIONS, SIXTEEN_BIT, W4A4Linear, W4A16Linear, check_rank, to_compute_dtype
 from . import smooth as smoothing
 from .formats import ResidualScales, residual_format
 from .gptq import gptq
@@ -86,6 +86,7 @@ class QuantizedLinear:
             bias="bias" in self.tensors, dtype=dtype, device="meta",
         )
         layer.load_state_dict(self.tensors, assign=True)
+        to_compute_dtype(layer, dtype)
         return layer.to(device) if device is not None else layer
 
 

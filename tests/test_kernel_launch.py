@@ -1,0 +1,197 @@
+"""The launch path of kernels/backend.py on a stubbed GPU (tests/stub_gpu.py): plans, arguments, the dtype
+rule, and what happens when a launch fails. CPU only: these run in CI."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from stub_gpu import DriverError, cuda_looking, stub_gpu
+from test_layers import random_w4a4
+
+from comfyui_svdquant.kernels import backend
+from comfyui_svdquant.svdquant import dispatch, packing
+from comfyui_svdquant.svdquant.errors import SVDQuantError
+from comfyui_svdquant.svdquant.layers import SplitInputLinear, compute_dtype_problem, to_compute_dtype
+
+LOGGER = "comfyui_svdquant.kernels.backend"
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    monkeypatch.setattr(backend, "_plans", {})
+    monkeypatch.setattr(backend, "_noted", set())
+    with stub_gpu() as stub:
+        yield stub
+
+
+def _x(m: int, k: int, dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
+    return cuda_looking(torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype))
+
+
+def _pointers(args) -> list[int]:
+    return [int(a) for a in args]
+
+
+def test_the_fast_path_launches_what_the_readable_plan_describes(gpu):
+    layer = random_w4a4(256, 384, 32, "nvfp4")
+    x = _x(33, 256)
+    y = backend.w4a4(layer, x)
+    assert y.shape == (33, 384) and len(gpu.launches) == 2
+    _, readable = backend.plan_w4a4(layer, x)
+    for (name, grid, block, packed), (want_name, want_grid, want_block, args) in zip(gpu.launches, readable,
+                                                                                      strict=True):
+        assert (name, grid, block) == (want_name, want_grid, want_block)
+        for got, want in zip(_pointers(packed), args, strict=True):
+            if isinstance(want, torch.Tensor) and any(want is t for t in layer._buffers.values()):
+                assert got == want.data_ptr()  # weights: the layer's own tensors, no copies
+            elif not isinstance(want, torch.Tensor):
+                assert got == (0 if want is None else want)
+    assert _pointers(gpu.launches[0][3])[0] == x.data_ptr()
+    assert _pointers(gpu.launches[1][3])[9] == y.data_ptr()
+
+
+def test_a_plan_is_made_once_and_shared_by_a_shallow_copy(gpu, monkeypatch):
+    layer = random_w4a4(256, 128, 16, "int4")
+    made = []
+    make_plan = backend._make_plan
+    monkeypatch.setattr(backend, "_make_plan", lambda *a: made.append(1) or make_plan(*a))
+    x = _x(5, 256)
+    backend.w4a4(layer, x)
+    backend.w4a4(layer, x)
+    backend.w4a4(copy.copy(layer), x)  # what a LoRA call runs: a shallow copy with the same tensors
+    assert len(made) == 1 and len(gpu.launches) == 6
+    backend.w4a4(layer, _x(7, 256))  # another input shape: its own plan
+    assert len(made) == 2
+
+
+def test_new_weights_get_a_new_plan_never_the_old_pointers(gpu):
+    layer = random_w4a4(256, 128, 16, "int4")
+    x = _x(5, 256)
+    backend.w4a4(layer, x)
+    layer.proj_up = layer.proj_up.clone()  # e.g. a LoRA absorbed, or the layer moved and back
+    backend.w4a4(layer, x)
+    assert _pointers(gpu.launches[-1][3])[5] == layer.proj_up.data_ptr()
+    assert _pointers(gpu.launches[1][3])[5] != layer.proj_up.data_ptr()
+
+
+def test_flux_linear2_halves_are_read_in_place(gpu):
+    """SplitInputLinear hands each part a column view of one input: kernel 1 reads it with its row stride."""
+    attn, mlp = random_w4a4(256, 128, 16, "int4", seed=1), random_w4a4(1024, 128, 16, "int4", seed=2)
+    x = cuda_looking(torch.randn(9, 1280).bfloat16(), through_ops=True)
+    dispatch.install("w4a4", backend.w4a4)
+    try:
+        SplitInputLinear([attn, mlp])(x)
+    finally:
+        dispatch.install("w4a4", None)
+    quantize = [args for name, _, _, args in gpu.launches if name.startswith("svdq_quantize")]
+    assert len(quantize) == 2
+    for args, offset in zip(quantize, (0, 256), strict=True):
+        pointers = _pointers(args)
+        assert pointers[0] == x.data_ptr() + 2 * offset  # no copy of either half
+        assert pointers[7] == 1280  # ldx: the full row
+
+
+def test_an_input_width_that_is_not_a_multiple_of_128_needs_no_padded_copy(gpu):
+    layer = random_w4a4(320, 640, 32, "int4")  # SDXL's narrowest layers
+    x = _x(4, 320)
+    backend.w4a4(layer, x)
+    pointers = _pointers(gpu.launches[0][3])
+    assert pointers[0] == x.data_ptr() and pointers[7:10] == [320, 320, 384]  # ldx, columns read, padded K
+
+
+def test_nvfp4_in_float16_keeps_the_fused_path(gpu, caplog):
+    """A bf16 NVFP4 layer put in fp16 (compute_dtype=float16, or an fp16 GPU) stays on the kernels: the
+    per-tensor scale is fp32 whatever the file or the compute dtype."""
+    layer = random_w4a4(256, 128, 32, "nvfp4")
+    to_compute_dtype(layer, torch.float16)
+    assert layer.wtscale.dtype == torch.float32 and compute_dtype_problem(layer) is None
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        y = backend.w4a4(layer, _x(3, 256, torch.float16))
+    assert y is not None and gpu.launches[0][0] == "svdq_quantize_nvfp4_fp16"
+    assert not caplog.records
+
+
+def test_a_layer_outside_the_dtype_rule_is_named_once_at_warning(gpu, caplog):
+    layer = random_w4a4(256, 128, 32, "int4")
+    layer.name = "double_blocks.3.img_attn.qkv"
+    layer.proj_up = layer.proj_up.half()
+    other = random_w4a4(256, 128, 32, "int4", seed=3)
+    other.bias = other.bias.half()
+    x = _x(3, 256)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert backend.w4a4(layer, x) is None
+        assert backend.w4a4(layer, x) is None
+        assert backend.w4a4(other, x) is None
+    warnings = [r for r in caplog.records if r.name == LOGGER]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "layer 'double_blocks.3.img_attn.qkv': its proj_up is float16, not bfloat16" in warnings[0].getMessage()
+    assert not gpu.launches
+    dispatch.install("w4a4", backend.w4a4)
+    try:
+        assert torch.equal(layer(x), layer.reference_forward(x))
+    finally:
+        dispatch.install("w4a4", None)
+
+
+def test_a_refused_launch_falls_back_for_that_layer_once(gpu, caplog):
+    layer = random_w4a4(256, 128, 16, "int4")
+    layer.name = "single_blocks.0.linear1"
+    other = random_w4a4(256, 128, 16, "int4", seed=4)
+    x = _x(6, 256)
+    gpu.fail = DriverError(701)  # CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: the GPU stays usable
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert backend.w4a4(layer, x) is None
+        gpu.fail = None
+        assert backend.w4a4(layer, x) is None  # no second try for this layer and shape
+        assert not gpu.launches
+        assert backend.w4a4(other, x) is not None  # other layers keep their kernels
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(warnings) == 1
+    assert "single_blocks.0.linear1" in warnings[0] and "(6, 256) bfloat16 input" in warnings[0]
+    assert "701" in warnings[0]
+
+
+def test_a_cuda_error_that_breaks_the_gpu_raises_naming_layer_and_shape(gpu):
+    layer = random_w4a4(256, 128, 16, "int4")
+    layer.name = "double_blocks.0.img_mlp.0"
+    gpu.fail = DriverError(700)  # CUDA_ERROR_ILLEGAL_ADDRESS (perhaps from an earlier kernel): sticky
+    with pytest.raises(SVDQuantError, match=r"double_blocks.0.img_mlp.0' with a \(2, 256\) bfloat16 input.*restart"):
+        backend.w4a4(layer, _x(2, 256))
+
+
+def test_a_python_error_is_a_bug_and_raises(gpu):
+    gpu.fail = TypeError("an argument the kernel does not take")
+    with pytest.raises(TypeError):
+        backend.w4a4(random_w4a4(256, 128, 16, "int4"), _x(2, 256))
+
+
+def test_the_load_summary_counts_each_path(monkeypatch):
+    monkeypatch.setattr(backend, "_plans", {})
+    layers = [random_w4a4(256, 128, 16, "int4", seed=s) for s in range(3)] + [random_w4a4(256, 128, 16, "nvfp4")]
+    layers[1].bias = layers[1].bias.half()
+    dispatch.install("w4a4", backend.w4a4)
+    try:
+        with stub_gpu((8, 9)):  # an RTX 40: no NVFP4
+            summary = backend.path_summary(layers, torch.device("cuda", 0))
+    finally:
+        dispatch.install("w4a4", None)
+    assert summary.startswith("2 layers on the CUDA kernels, 2 on the PyTorch reference path (")
+    assert "1: its bias is float16, not bfloat16" in summary and "NVFP4 checkpoints need" in summary
+    assert backend.path_summary(layers[:1], torch.device("cpu")) == (
+        "1 layers on the PyTorch reference path (no CUDA kernels on cpu)")
+
+
+def test_the_stored_dtype_is_what_the_compute_dtype_rule_gives(gpu):
+    """to_compute_dtype keeps codes and FP8 scales, puts every 16-bit tensor in the compute dtype."""
+    layer = random_w4a4(256, 128, 16, "nvfp4")
+    layer.wtscale = layer.wtscale.bfloat16()  # as a file stores it
+    codes, fp8 = layer.qweight.clone(), layer.wscales.clone()
+    to_compute_dtype(layer, torch.float16)
+    assert layer.wtscale.dtype == torch.float32 and layer.wscales.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.qweight, codes) and torch.equal(layer.wscales.view(torch.uint8), fp8.view(torch.uint8))
+    assert {layer.smooth_factor.dtype, layer.proj_down.dtype, layer.proj_up.dtype, layer.bias.dtype,
+            layer.wcscales.dtype} == {torch.float16}
+    assert packing.unpack_vector(layer.wcscales).isfinite().all()
