@@ -1,5 +1,5 @@
 """Install the pack's fused CUDA kernels: the CuPy and NVRTC wheels that match the installed PyTorch,
-then compile the kernels for every visible NVIDIA GPU into the cubin cache.
+then compile the kernels for every visible NVIDIA GPU into CuPy's kernel cache.
 
 ComfyUI-Manager runs this file after installing the pack. To run it by hand, with ComfyUI's Python,
 from the pack's folder:
@@ -60,18 +60,18 @@ def install_wheels(cuda: str) -> bool:
 def compile_targets(targets: list[str], check: bool) -> None:
     """Compile every family for the given -arch targets (no GPU needed) and optionally show the SASS."""
     kernels = importlib.import_module(f"{load_pack().__name__}.kernels")
-    build, nvrtc, sass = kernels.build, kernels.nvrtc, importlib.import_module(f"{kernels.__name__}.sass")
-    compiler = nvrtc.load()
+    build, sass = kernels.build, importlib.import_module(f"{kernels.__name__}.sass")
     tool = sass.find_tool() if check else None
     for arch in targets:
         for family, why in build.families_for(build.capability_of(arch)).items():
             if why:
                 print(f"[SVDQuant] {arch} {family}: not built ({why})")
                 continue
-            for path in build.build_family(family, arch, compiler):
-                print(f"[SVDQuant] {arch} {family}: {path}")
+            for unit in build.FAMILIES[family]:
+                program = build.compile_cubin(unit, arch)
+                print(f"[SVDQuant] {arch} {family}: {unit.stem}, {len(program.cubin)} bytes")
                 if tool:
-                    for name, listing in sass.disassemble(path.read_bytes(), tool).items():
+                    for name, listing in sass.disassemble(program.cubin, tool).items():
                         print(f"    {name}: {sass.summary(sass.opcodes(listing))}")
 
 
