@@ -7,7 +7,6 @@ The GPU cases are simulated by replacing torch.cuda's answers, CuPy and the comp
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import subprocess
 import sys
@@ -164,30 +163,3 @@ def test_unknown_backend_is_refused():
     with pytest.raises(SVDQuantError, match="expected one of auto, cuda, torch"):
         kernels.enable("triton")
     assert kernels.enable("torch") == "PyTorch reference path (kernel backend 'torch' chosen)"
-
-
-def _install_script():
-    spec = importlib.util.spec_from_file_location("svdquant_install_script", TESTS.parent / "install.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_install_picks_the_wheels_of_torchs_cuda(monkeypatch):
-    install = _install_script()
-    calls, status = [], {"rc": 0}
-    monkeypatch.setattr(install.subprocess, "run",
-                        lambda args, **_: calls.append(args) or types.SimpleNamespace(returncode=status["rc"]))
-    assert install.install_wheels("12.4")
-    assert calls[-1][:4] == [sys.executable, "-m", "pip", "install"]
-    assert "cupy-cuda12x>=13" in calls[-1] and "nvidia-cuda-nvrtc-cu12>=12.8" in calls[-1]
-    assert install.install_wheels("13.0") and "cupy-cuda13x>=13.6" in calls[-1]
-    assert not install.install_wheels("11.8") and len(calls) == 2  # no kernel wheels for CUDA 11
-    status["rc"] = 1
-    assert not install.install_wheels("13.0")  # pip failed: reported, not raised
-
-
-def test_install_never_fails_without_cuda(monkeypatch, capsys):
-    monkeypatch.setattr(torch.version, "cuda", None)
-    assert _install_script().main([]) == 0
-    assert "PyTorch path" in capsys.readouterr().out
