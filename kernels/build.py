@@ -65,7 +65,7 @@ CI_TARGETS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_120a")
 # What CuPy's RawModule adds after the options it is given (CuPy 13/14): flush-to-zero, its own -arch for
 # the current device (without the arch-specific 'a'), and device functions by default. NVRTC keeps the
 # arch-specific target given first when the plain arch of the same number follows (sm_120a, sm_120);
-# tests/test_kernels_build.py checks that the result is the very cubin that CI inspects.
+# tests/test_kernels_build.py checks that the result is the machine code CI inspects.
 RAWMODULE_ADDS = ("-ftz=true", "-arch=sm_{cc}", "--device-as-default-execution-space")
 
 
