@@ -38,7 +38,7 @@ def import_cupy():
         import cupy
     except Exception as exc:  # ImportError, or a CuPy built for another CUDA failing at import
         raise Unavailable(f"CuPy cannot be imported ({type(exc).__name__}: {exc}); run install.py in the pack "
-                          "folder to install the CuPy/NVRTC wheels matching your PyTorch") from exc
+                          "folder to install the CuPy matching your PyTorch") from exc
     return cupy
 
 

@@ -169,6 +169,7 @@ def test_translation_unit_carries_the_headers():
 
 
 def _sources_with(tmp_path, monkeypatch, header: str, line: int, replacement: str):
+    tmp_path.mkdir(exist_ok=True)
     for path in build.SOURCE_DIR.iterdir():
         if path.suffix in (".cu", ".cuh"):
             shutil.copy(path, tmp_path)
@@ -212,3 +213,42 @@ def test_load_module_hands_cupy_every_part_of_the_cache_key(monkeypatch):
     code, options = made[0]
     assert code == build.translation_unit(unit)
     assert options == ("-arch=sm_120a", "--std=c++17", "-ftz=true", "-DSVDQ_FAMILY_NVFP4", "-DSVDQ_EMULATED_S4")
+
+
+def test_cupys_kernel_cache_is_keyed_on_source_options_arch_and_nvrtc(tmp_path, monkeypatch):
+    """The cache behind RawModule, run without a GPU: CuPy's own compile-with-cache code and real NVRTC, with
+    what a GPU would answer (its arch; loading the cubin) put in. It reads CuPy internals (CuPy 14): a CuPy
+    that changes them fails here, and this check needs another way in."""
+    from cupy._core import core
+    from cupy.cuda import compiler
+
+    gpu = {"cc": "89"}
+    compiles = []
+    real_compile = compiler._compile_using_nvrtc_no_warning
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(compiler, "_kernel_cache_backend", compiler._DiskKernelCacheBackend(str(cache)))
+    monkeypatch.setattr(compiler, "_empty_file_preprocess_cache", {})
+    monkeypatch.setattr(compiler, "_get_arch", lambda: gpu["cc"])
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch: (f"-arch=sm_{arch}", "cubin"))
+    monkeypatch.setattr(compiler, "_compile_using_nvrtc_no_warning",
+                        lambda *args, **kwargs: compiles.append(args[2]) or real_compile(*args, **kwargs))
+    module = types.SimpleNamespace(load=lambda cubin: None, _set_mapping=lambda mapping: None)
+    monkeypatch.setattr(compiler, "function", types.SimpleNamespace(Module=lambda: module))
+
+    def rawmodule(defines: tuple[str, ...] = ()) -> tuple[int, int]:
+        """What RawModule(code, options).compile() does on that GPU: (compiles so far, cache entries)."""
+        unit = build.FAMILIES["w4a16"][0]
+        arch = build.target(build.capability_of(f"sm_{gpu['cc']}"))
+        options = core.assemble_cupy_compiler_options(tuple(build.options(unit, arch, defines=defines)))
+        compiler._compile_module_with_cache(build.translation_unit(unit), options)
+        return len(compiles), len(list(cache.iterdir()))
+
+    assert rawmodule() == (1, 1)
+    assert rawmodule() == (1, 1)  # the same again: from the disk cache
+    assert rawmodule(("SVDQ_CACHE_TEST",)) == (2, 2)  # other options
+    gpu["cc"] = "120"
+    assert rawmodule() == (3, 3) and compiles[-1] == "120"  # another arch (sm_120a)
+    monkeypatch.setattr(compiler, "_get_nvrtc_version", lambda: (13, 9))
+    assert rawmodule() == (4, 4)  # another NVRTC
+    _sources_with(tmp_path / "src", monkeypatch, "ptx.cuh", 1, "// another comment: another cache entry")
+    assert rawmodule() == (5, 5)  # another header
