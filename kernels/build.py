@@ -1,23 +1,38 @@
-"""What is compiled for which GPU, and the on-disk cubin cache.
+"""What is compiled for which GPU, and how: CUDA C++ through CuPy's NVRTC.
 
 A *family* is the set of kernels one layer kind needs on one GPU: ``int4`` (kernel 1 + kernel 2 for
 INT4 checkpoints), ``nvfp4`` (the same for NVFP4 checkpoints) and ``w4a16`` (the modulation GEMV).
-Each family is one or more NVRTC translation units; each is compiled once per (source, target,
-NVRTC version) and cached as a cubin, so the compile happens at install (install.py) or on first use.
+Each family is one or more translation units, compiled two ways from the same text and options:
+
+- on a GPU (first use, or install.py): :func:`load_module`, a ``cupy.RawModule`` (NVRTC backend), whose
+  cubins CuPy keeps in its on-disk kernel cache (``$CUPY_CACHE_DIR``, else ``~/.cupy/kernel_cache``), keyed
+  on the source, the options, the arch, the NVRTC version and CuPy's own build. The pack's headers are
+  inlined into the source (:func:`translation_unit`), so that key covers them too.
+- without a GPU (CI, ``install.py --targets``): :func:`compile_cubin`, CuPy's NVRTC binding for any target,
+  giving the cubin and the compiler's log for the machine-code checks.
+
+NVRTC is the one PyTorch's CUDA wheels bring: importing torch loads it, and CuPy then uses that library.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import sys
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import nvrtc
-
 SOURCE_DIR = Path(__file__).resolve().parent
 HEADERS = ("common.cuh", "ptx.cuh")
+
+
+class CompileError(RuntimeError):
+    """NVRTC cannot be loaded, or a compilation failed (the message carries the compiler's log)."""
+
+
+@dataclass(frozen=True)
+class Program:
+    cubin: bytes
+    log: str
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,12 @@ FAMILIES = {
 # The targets CI builds and inspects (one per GPU generation the pack supports).
 CI_TARGETS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_120a")
 
+# What CuPy's RawModule adds after the options it is given (CuPy 13/14): flush-to-zero, its own -arch for
+# the current device (without the arch-specific 'a'), and device functions by default. NVRTC keeps the
+# arch-specific target given first when the plain arch of the same number follows (sm_120a, sm_120);
+# tests/test_kernels_build.py checks that the result is the machine code CI inspects.
+RAWMODULE_ADDS = ("-ftz=true", "-arch=sm_{cc}", "--device-as-default-execution-space")
+
 
 def target(capability: tuple[int, int]) -> str:
     """The NVRTC -arch for a device. Hopper and Blackwell-consumer parts get their arch-specific
@@ -70,61 +91,101 @@ def families_for(capability: tuple[int, int]) -> dict[str, str | None]:
     return {"int4": old if cc < 75 else None, "nvfp4": old if cc < 75 else fp4, "w4a16": old if cc < 75 else None}
 
 
-def unit_source(unit: Unit) -> str:
-    return (SOURCE_DIR / unit.source).read_text()
+_INCLUDE = re.compile(r'^#include "([\w.]+)"[^\n]*$', re.M)
 
 
-def headers() -> dict[str, str]:
-    return {name: (SOURCE_DIR / name).read_text() for name in HEADERS}
+def translation_unit(unit: Unit) -> str:
+    """The unit's source with the pack's headers inlined, each once (``#line`` keeps the compiler's messages
+    naming the right file and line): one self-contained text, so a cache keyed on the source covers the
+    headers too, and NVRTC needs no include path."""
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        text = (SOURCE_DIR / name).read_text().replace("#pragma once", "")
+
+        def include(match: re.Match) -> str:
+            header = match.group(1)
+            if header not in HEADERS:
+                raise CompileError(f"{name} includes {header}, which is not one of the pack's headers {HEADERS}")
+            if header in seen:
+                return ""
+            seen.add(header)
+            resume = text.count("\n", 0, match.start()) + 2
+            return f'#line 1 "{header}"\n{expand(header)}\n#line {resume} "{name}"'
+
+        return _INCLUDE.sub(include, text)
+
+    return expand(unit.source)
 
 
-def options(unit: Unit, arch: str, verbose: bool = False) -> list[str]:
-    # No --use_fast_math: the quantizer relies on IEEE division (bit-identical codes).
-    opts = [f"-arch={arch}", "--std=c++17"]
-    if unit.define:
-        opts.append(f"-D{unit.define}")
+def options(unit: Unit, arch: str, verbose: bool = False, defines: tuple[str, ...] = ()) -> list[str]:
+    # No --use_fast_math: the quantizer relies on IEEE division (bit-identical codes). -ftz=true is what
+    # RawModule compiles with whatever it is given (see RAWMODULE_ADDS); stated here so that the cubins CI
+    # compiles and inspects are the ones that run.
+    opts = [f"-arch={arch}", "--std=c++17", "-ftz=true"]
+    opts += [f"-D{d}" for d in ((unit.define,) if unit.define else ()) + tuple(defines)]
     if verbose:
         opts.append("-Xptxas=-v")  # register / spill report in the log
     return opts
 
 
-def cache_dir() -> Path:
-    """$SVDQUANT_KERNEL_CACHE, else the user's cache folder (never the pack folder: it may be read-only)."""
-    if os.environ.get("SVDQUANT_KERNEL_CACHE"):
-        return Path(os.environ["SVDQUANT_KERNEL_CACHE"])
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "comfyui-svdquant" / "cubins"
+def nvrtc():
+    """CuPy's NVRTC binding (``cupy_backends.cuda.libs.nvrtc``) with its library loaded: PyTorch's, which
+    importing torch loads. Raises :class:`CompileError` saying what is missing."""
+    import torch  # noqa: F401  (loads the NVRTC of PyTorch's CUDA wheels, which CuPy then finds loaded)
+
+    try:
+        from cupy_backends.cuda.libs import nvrtc as binding
+
+        binding.getVersion()
+    except Exception as exc:  # ImportError, or CuPy failing to find or load libnvrtc
+        raise CompileError(f"CuPy's NVRTC cannot be loaded ({type(exc).__name__}: {exc}); run install.py in the "
+                           "pack folder (it installs the CuPy that matches your PyTorch)") from exc
+    return binding
 
 
-def cache_key(unit: Unit, arch: str, compiler: nvrtc.Nvrtc) -> str:
-    digest = hashlib.sha256()
-    for part in (unit_source(unit), *headers().values(), " ".join(options(unit, arch)),
-                 f"nvrtc {compiler.version[0]}.{compiler.version[1]}"):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:20]
+def _whole_elf(cubin: bytes) -> bytes:
+    """CuPy's getCUBIN drops the last byte (it strips a terminating NUL that a cubin does not have); the
+    driver does not notice, the disassemblers do. Restore it when the ELF headers say one byte is missing:
+    the file ends with a 64-bit header field whose top byte is zero."""
+    if cubin[:5] != b"\x7fELF\x02":
+        return cubin
+    phoff, shoff = struct.unpack_from("<QQ", cubin, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", cubin, 0x36)
+    end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+    return cubin + b"\0" if len(cubin) == end - 1 else cubin
 
 
-def compile_unit(unit: Unit, arch: str, compiler: nvrtc.Nvrtc, verbose: bool = False) -> nvrtc.Program:
-    """Compile without the cache (CI, tests)."""
-    return compiler.compile(unit_source(unit), unit.source, options(unit, arch, verbose), headers())
+def compile_cubin(unit: Unit, arch: str, verbose: bool = False, extra: tuple[str, ...] = ()) -> Program:
+    """``unit`` compiled for ``arch`` by CuPy's NVRTC binding, with or without a GPU (CI, install.py
+    --targets): the cubin and the compiler's log. ``extra``: options after the pack's own."""
+    binding = nvrtc()
+    opts = options(unit, arch, verbose) + list(extra)
+    program = binding.createProgram(translation_unit(unit), unit.source, [], [])
+    try:
+        try:
+            binding.compileProgram(program, opts)
+        except binding.NVRTCError as exc:
+            raise CompileError(f"{unit.source} ({' '.join(opts)}) did not compile:\n"
+                               f"{binding.getProgramLog(program)}") from exc
+        return Program(_whole_elf(binding.getCUBIN(program)), binding.getProgramLog(program))
+    finally:
+        binding.destroyProgram(program)
 
 
-def cubin(unit: Unit, arch: str, compiler: nvrtc.Nvrtc) -> Path:
-    """Path of the cached cubin for ``unit`` on ``arch``, compiling it first if needed."""
-    major, minor = compiler.version
-    path = cache_dir() / f"{unit.stem}-{arch}-nvrtc{major}.{minor}-{cache_key(unit, arch, compiler)}.cubin"
-    if not path.exists():
-        program = compile_unit(unit, arch, compiler)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(program.cubin)
-        os.replace(tmp, path)  # atomic: concurrent processes never see half a file
-    return path
+def load_module(unit: Unit, arch: str, defines: tuple[str, ...] = ()):
+    """``unit`` built for ``arch`` as a ``cupy.RawModule`` (compiled by NVRTC or taken from CuPy's kernel
+    cache) and loaded on CuPy's current device. Raises :class:`CompileError` with the compiler's log."""
+    import cupy
+
+    module = cupy.RawModule(code=translation_unit(unit), options=tuple(options(unit, arch, defines=defines)))
+    try:
+        module.compile()
+    except cupy.cuda.compiler.CompileException as exc:
+        raise CompileError(f"{unit.source} ({arch}) did not compile:\n{exc}") from exc
+    return module
 
 
-def build_family(family: str, arch: str, compiler: nvrtc.Nvrtc) -> list[Path]:
-    return [cubin(unit, arch, compiler) for unit in FAMILIES[family]]
+def build_family(family: str, arch: str) -> list:
+    """The family's translation units as loaded ``cupy.RawModule``s, in :data:`FAMILIES` order."""
+    return [load_module(unit, arch) for unit in FAMILIES[family]]

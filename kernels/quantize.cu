@@ -14,7 +14,9 @@
 //   INT4 unsigned:  v = (x + 0.171875) / smooth; scale = max(max64(v), 0) / 15; code in [0, 15]
 //   NVFP4:          v = x / smooth;            scale = e4m3(absmax16(v) / 6);  code = e2m1(v / scale)
 // (a zero scale gives zero codes). Division is IEEE-rounded (NVRTC's default -prec-div=true), so
-// codes and scales are bit-identical to the PyTorch reference. The branch uses the raw x (not x/smooth:
+// codes and scales are bit-identical to the PyTorch reference, except that fp32 subnormals (below
+// 2^-126, far under any 16-bit activation that matters) flush to zero: CuPy's RawModule compiles with
+// -ftz=true whatever it is given. The branch uses the raw x (not x/smooth:
 // proj_down is stored pre-divided), accumulates in fp32 and rounds once to 16 bits.
 //
 // Work split. A CTA (4 warps) owns one 16-row tile (mt) and walks K in chunks of 256 columns staged

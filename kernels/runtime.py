@@ -1,8 +1,9 @@
-"""Per-GPU kernel state: why the kernels cannot run here, or the loaded cubins and a launcher.
+"""Per-GPU kernel state: why the kernels cannot run here, or the loaded modules and a launcher.
 
 CuPy is imported here, lazily (only when a CUDA tensor meets a quantized layer or :func:`probe` is
-called), so importing the pack never needs CuPy, a GPU or a compiler. Kernels are launched on torch's
-current stream with the tensors' device pointers (zero copy).
+called), so importing the pack never needs CuPy, a GPU or a compiler. The kernels are ``cupy.RawModule``s
+(see build.py: NVRTC, CuPy's kernel cache), launched on torch's current stream with the tensors' device
+pointers (zero copy).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import build, nvrtc
+from . import build
 
 
 class Unavailable(RuntimeError):
@@ -55,16 +56,16 @@ def import_cupy():
         import cupy
     except Exception as exc:  # ImportError, or a CuPy built for another CUDA failing at import
         raise Unavailable(f"CuPy cannot be imported ({type(exc).__name__}: {exc}); run install.py in the pack "
-                          "folder to install the CuPy/NVRTC wheels matching your PyTorch") from exc
+                          "folder to install the CuPy matching your PyTorch") from exc
     return cupy
 
 
 @functools.cache
-def compiler() -> nvrtc.Nvrtc:
-    major = torch_cuda_major()
+def compiler():
+    """CuPy's NVRTC binding, with PyTorch's NVRTC loaded (build.nvrtc)."""
     try:
-        return nvrtc.load(major)
-    except nvrtc.NvrtcError as exc:
+        return build.nvrtc()
+    except build.CompileError as exc:
         raise Unavailable(str(exc)) from exc
 
 
@@ -77,28 +78,37 @@ class Device:
     capability: tuple[int, int]
     arch: str
     unsupported: dict[str, str] = field(default_factory=dict)  # family → reason
-    _modules: dict[str, list] = field(default_factory=dict)  # family → loaded cupy.cuda.function.Module
-    _functions: dict[str, object] = field(default_factory=dict)
+    _modules: dict[str, list] = field(default_factory=dict)  # family → its loaded cupy.RawModules
+    _functions: dict[str, object] = field(default_factory=dict)  # kernel name → cupy.cuda.Function
     _streams: dict[int, object] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def load(self, family: str) -> None:
-        """Compile (or take from the disk cache) and load a family; on failure record why."""
+        """Compile (or take from CuPy's kernel cache) and load a family, once however many threads ask at
+        the same time; on failure record why."""
         if family in self._modules or family in self.unsupported:
             return
-        try:
-            paths = build.build_family(family, self.arch, compiler())
-        except nvrtc.NvrtcError as exc:
+        with self._lock:
+            if family not in self._modules and family not in self.unsupported:
+                self._load(family)
+
+    def _load(self, family: str) -> None:
+        cupy = import_cupy()
+        try:  # loaded now (cuModuleLoadData), so that a driver too old for the cubins is found here
+            with cupy.cuda.Device(self.index):
+                modules = build.build_family(family, self.arch)
+        except build.CompileError as exc:
             first = next((line for line in str(exc).splitlines() if "error" in line), str(exc).splitlines()[0])
             self.unsupported[family] = f"compile failure for {self.arch}: {first.strip()}"
             return
         except OSError as exc:
-            self.unsupported[family] = (f"the kernel cache {build.cache_dir()} is not writable ({exc}); set "
-                                        "SVDQUANT_KERNEL_CACHE to a writable folder")
+            self.unsupported[family] = (f"CuPy's kernel cache is not writable ({exc}); set CUPY_CACHE_DIR to a "
+                                        "writable folder")
             return
-        try:  # load now (cuModuleLoadData), so that a driver too old for the cubins is found here
-            self._modules[family] = [self._load_cubin(path.read_bytes()) for path in paths]
-        except Exception as exc:  # a driver too old for the cubin, a broken CuPy install …
-            self.unsupported[family] = f"cannot load the {self.arch} cubins ({type(exc).__name__}: {exc})"
+        except RuntimeError as exc:  # CuPy's CUDA errors (a driver too old for the cubins …), its missing parts
+            self.unsupported[family] = f"cannot load the {self.arch} kernels ({type(exc).__name__}: {exc})"
+            return
+        self._modules[family] = modules
 
     def function(self, family: str, name: str):
         """Kernel ``name`` of a loaded family, from the translation unit that defines it (svdq_quantize_*
@@ -109,33 +119,26 @@ class Device:
             index = next((i for i, unit in enumerate(units) if name.startswith(unit.kernel_prefix)), None)
             if index is None:
                 raise Unavailable(f"kernel {name} is in none of the {family} sources")
-            fn = self._functions[name] = self._modules[family][index].get_function(name)
+            with import_cupy().cuda.Device(self.index):
+                fn = self._functions[name] = self._modules[family][index].get_function(name).kernel
         return fn
 
     def variant(self, unit: build.Unit, defines: list[str]):
-        """``unit`` built for this GPU with extra ``-D`` defines and loaded (not cached): a code path this
-        GPU would not pick, for the tests and benchmarks that compare the two. Returns the CuPy module."""
-        options = build.options(unit, self.arch) + [f"-D{d}" for d in defines]
-        return self._load_cubin(compiler().compile(build.unit_source(unit), unit.source, options,
-                                                   build.headers()).cubin)
-
-    def _load_cubin(self, cubin: bytes):
-        cupy = import_cupy()
-        with cupy.cuda.Device(self.index):
-            module = cupy.cuda.function.Module()
-            module.load(cubin)
-        return module
+        """``unit`` built for this GPU with extra ``-D`` defines and loaded: a code path this GPU would not
+        pick, for the tests and benchmarks that compare the two. Returns the ``cupy.RawModule``."""
+        with import_cupy().cuda.Device(self.index):
+            return build.load_module(unit, self.arch, tuple(defines))
 
     def launch(self, family: str, name: str, grid: tuple[int, int, int], block: int, args: list) -> None:
         """Launch a kernel of a loaded family on torch's current stream of this device."""
         self.launch_function(self.function(family, name), grid, block, args)
 
     def launch_function(self, function, grid: tuple[int, int, int], block: int, args: list) -> None:
-        """Launch a CuPy kernel function on torch's current stream of this device. ``args``: tensors
-        (passed as device pointers), None (a null pointer) and ints (int32)."""
+        """Launch a CuPy kernel (a Function, or a RawModule's RawKernel) on torch's current stream of this
+        device. ``args``: tensors (passed as device pointers), None (a null pointer) and ints (int32)."""
         packed = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.uint64(0) if a is None
                        else np.int32(a) for a in args)
-        self.launch_packed(function, grid, block, packed, self.stream())
+        self.launch_packed(getattr(function, "kernel", function), grid, block, packed, self.stream())
 
     def stream(self):
         """CuPy's handle on torch's current stream of this device."""
@@ -179,7 +182,7 @@ def _make_device(index: int) -> Device | Unavailable:
     try:
         major = torch_cuda_major()
         cupy = import_cupy()
-        compiler()
+        nvrtc = compiler()
         capability = torch.cuda.get_device_capability(index)
         arch = build.target(capability)
         reasons = build.families_for(capability)
@@ -190,9 +193,9 @@ def _make_device(index: int) -> Device | Unavailable:
         if driver // 1000 < major:
             raise Unavailable(f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, older than "
                               f"PyTorch's CUDA {torch.version.cuda}: update the driver")
-        supported = compiler().supported_archs()
-        if capability[0] * 10 + capability[1] not in supported:
-            raise Unavailable(f"NVRTC {compiler().version} cannot compile for {arch}")
+        if capability[0] * 10 + capability[1] not in nvrtc.getSupportedArchs():
+            major, minor = nvrtc.getVersion()
+            raise Unavailable(f"NVRTC {major}.{minor} cannot compile for {arch}")
     except Unavailable as exc:
         return exc
     device = Device(index, torch.cuda.get_device_name(index), capability, arch)

@@ -1,24 +1,27 @@
-"""CI without a GPU: compile every kernel for every supported target with NVRTC and check the machine
-code (SASS): the tensor-core instruction each target must run natively, and no local memory.
+"""CI without a GPU: compile every kernel for every supported target with CuPy's NVRTC binding and check
+the machine code (SASS): the tensor-core instruction each target must run natively, and no local memory;
+and that what CuPy's RawModule compiles on a GPU is that same code.
 
-Needs the ``nvidia-cuda-nvrtc`` wheel (and ``nvidia-cuda-cuobjdump`` or ``nvidia-cuda-nvdisasm`` for the
-SASS checks; see requirements-test.txt); skips, saying what to install, without them.
+Needs CuPy (``cupy-cuda13x``) with PyTorch's NVRTC (and ``nvidia-cuda-cuobjdump`` or ``nvidia-cuda-nvdisasm``
+for the SASS checks; see requirements-test.txt); skips, saying what to install, without them.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import sys
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from comfyui_svdquant.kernels import build, nvrtc, sass
+from comfyui_svdquant.kernels import build, sass
 
 try:
-    COMPILER = nvrtc.load()
-except nvrtc.NvrtcError as exc:
-    pytest.skip(f"NVRTC not found ({exc}); pip install nvidia-cuda-nvrtc to build the kernels in CI",
-                allow_module_level=True)
+    build.nvrtc()
+except build.CompileError as exc:
+    pytest.skip(f"{exc} (CI: pip install -r requirements-test.txt)", allow_module_level=True)
 
 TOOL = sass.find_tool()
 NEEDS_TOOL = pytest.mark.skipif(TOOL is None, reason="no cuobjdump/nvdisasm: pip install nvidia-cuda-cuobjdump")
@@ -43,12 +46,12 @@ def _units(arch: str) -> list[build.Unit]:
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[tuple[str, str], nvrtc.Program]:
+def compiled() -> dict[tuple[str, str], build.Program]:
     """(arch, unit stem) → program, compiled once for the module, two at a time (CI has 2 cores;
     NVRTC releases the GIL)."""
     jobs = [(arch, unit) for arch in build.CI_TARGETS for unit in _units(arch)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        programs = pool.map(lambda job: build.compile_unit(job[1], job[0], COMPILER, verbose=True), jobs)
+        programs = pool.map(lambda job: build.compile_cubin(job[1], job[0], verbose=True), jobs)
         return {(arch, unit.stem): program for (arch, unit), program in zip(jobs, programs, strict=True)}
 
 
@@ -137,3 +140,115 @@ def test_quantize_runs_the_branch_down_on_tensor_cores(listings, arch):
             hmma = "HMMA.1688.F32" if arch == "sm_75" else "HMMA.16816.F32" + (".BF16" if "bf16" in name else "")
             # 4 rank tiles x 4 k16 steps x 2 halves per 64-column group (two m16n8k8 each on sm_75)
             assert ops.get(hmma, 0) == (64 if arch == "sm_75" else 32), (arch, name, dict(ops))
+
+
+# --- what runs on a GPU is what CI checked ---
+
+
+@NEEDS_TOOL
+@pytest.mark.parametrize("arch,unit", [("sm_90a", build.FAMILIES["int4"][1]), ("sm_120a", build.FAMILIES["nvfp4"][1])],
+                         ids=["sm_90a", "sm_120a"])
+def test_rawmodule_options_build_the_code_ci_checks(listings, arch, unit):
+    """RawModule appends its own flags, among them the device's plain -arch (sm_120 on an RTX 50): NVRTC
+    must still build the arch-specific target, instruction for instruction the code checked above."""
+    cc = "".join(c for c in arch if c.isdigit())
+    runtime_build = build.compile_cubin(unit, arch, extra=tuple(o.format(cc=cc) for o in build.RAWMODULE_ADDS))
+    assert sass.disassemble(runtime_build.cubin, TOOL) == listings[(arch, unit.stem)]
+
+
+def test_translation_unit_carries_the_headers():
+    """CuPy's kernel cache is keyed on the source text: the headers must be part of it."""
+    headers = {name: (build.SOURCE_DIR / name).read_text().replace("#pragma once", "") for name in build.HEADERS}
+    for units in build.FAMILIES.values():
+        for unit in units:
+            text = build.translation_unit(unit)
+            assert '#include "' not in text, unit
+            for name, body in headers.items():
+                assert text.count(f'#line 1 "{name}"\n') == 1, (unit, name)  # each header once
+                assert all(part in text for part in re.split(r'#include "[\w.]+"', body)), (unit, name)
+
+
+def _sources_with(tmp_path, monkeypatch, header: str, line: int, replacement: str):
+    tmp_path.mkdir(exist_ok=True)
+    for path in build.SOURCE_DIR.iterdir():
+        if path.suffix in (".cu", ".cuh"):
+            shutil.copy(path, tmp_path)
+    lines = (tmp_path / header).read_text().split("\n")
+    lines[line - 1] = replacement
+    (tmp_path / header).write_text("\n".join(lines))
+    monkeypatch.setattr(build, "SOURCE_DIR", tmp_path)
+
+
+def test_a_header_change_changes_the_source_cupy_hashes(tmp_path, monkeypatch):
+    unit = build.FAMILIES["w4a16"][0]
+    before = build.translation_unit(unit)
+    _sources_with(tmp_path, monkeypatch, "ptx.cuh", 1, "// another comment: another cache entry")
+    assert build.translation_unit(unit) != before
+
+
+def test_compile_errors_name_the_header_and_its_line(tmp_path, monkeypatch):
+    _sources_with(tmp_path, monkeypatch, "common.cuh", 20, "this is no C++;")
+    with pytest.raises(build.CompileError, match=r"common\.cuh\(20\): error"):
+        build.compile_cubin(build.FAMILIES["w4a16"][0], "sm_89")
+
+
+def test_load_module_hands_cupy_every_part_of_the_cache_key(monkeypatch):
+    """On a GPU the cubin comes from cupy.RawModule, which keys its cache on code, options (the -arch among
+    them), the device's arch and NVRTC's version. Recorded here without a GPU: what the pack passes it."""
+    made = []
+
+    class RawModule:
+        def __init__(self, code, options):
+            made.append((code, options))
+
+        def compile(self):
+            pass
+
+    cupy = types.ModuleType("cupy")
+    cupy.RawModule = RawModule
+    cupy.cuda = types.SimpleNamespace(compiler=types.SimpleNamespace(CompileException=Exception))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    unit = build.FAMILIES["nvfp4"][1]
+    build.load_module(unit, "sm_120a", ("SVDQ_EMULATED_S4",))
+    code, options = made[0]
+    assert code == build.translation_unit(unit)
+    assert options == ("-arch=sm_120a", "--std=c++17", "-ftz=true", "-DSVDQ_FAMILY_NVFP4", "-DSVDQ_EMULATED_S4")
+
+
+def test_cupys_kernel_cache_is_keyed_on_source_options_arch_and_nvrtc(tmp_path, monkeypatch):
+    """The cache behind RawModule, run without a GPU: CuPy's own compile-with-cache code and real NVRTC, with
+    what a GPU would answer (its arch; loading the cubin) put in. It reads CuPy internals (CuPy 14): a CuPy
+    that changes them fails here, and this check needs another way in."""
+    from cupy._core import core
+    from cupy.cuda import compiler
+
+    gpu = {"cc": "89"}
+    compiles = []
+    real_compile = compiler._compile_using_nvrtc_no_warning
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(compiler, "_kernel_cache_backend", compiler._DiskKernelCacheBackend(str(cache)))
+    monkeypatch.setattr(compiler, "_empty_file_preprocess_cache", {})
+    monkeypatch.setattr(compiler, "_get_arch", lambda: gpu["cc"])
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch: (f"-arch=sm_{arch}", "cubin"))
+    monkeypatch.setattr(compiler, "_compile_using_nvrtc_no_warning",
+                        lambda *args, **kwargs: compiles.append(args[2]) or real_compile(*args, **kwargs))
+    module = types.SimpleNamespace(load=lambda cubin: None, _set_mapping=lambda mapping: None)
+    monkeypatch.setattr(compiler, "function", types.SimpleNamespace(Module=lambda: module))
+
+    def rawmodule(defines: tuple[str, ...] = ()) -> tuple[int, int]:
+        """What RawModule(code, options).compile() does on that GPU: (compiles so far, cache entries)."""
+        unit = build.FAMILIES["w4a16"][0]
+        arch = build.target(build.capability_of(f"sm_{gpu['cc']}"))
+        options = core.assemble_cupy_compiler_options(tuple(build.options(unit, arch, defines=defines)))
+        compiler._compile_module_with_cache(build.translation_unit(unit), options)
+        return len(compiles), len(list(cache.iterdir()))
+
+    assert rawmodule() == (1, 1)
+    assert rawmodule() == (1, 1)  # the same again: from the disk cache
+    assert rawmodule(("SVDQ_CACHE_TEST",)) == (2, 2)  # other options
+    gpu["cc"] = "120"
+    assert rawmodule() == (3, 3) and compiles[-1] == "120"  # another arch (sm_120a)
+    monkeypatch.setattr(compiler, "_get_nvrtc_version", lambda: (13, 9))
+    assert rawmodule() == (4, 4)  # another NVRTC
+    _sources_with(tmp_path / "src", monkeypatch, "ptx.cuh", 1, "// another comment: another cache entry")
+    assert rawmodule() == (5, 5)  # another header
