@@ -3,11 +3,13 @@ requests huggingface_hub makes, as huggingface.co does (HF_ENDPOINT points at th
 HEAD/GET /{repo}/resolve/{revision}/{file} with a redirect to a CDN on another origin and the X-Repo-Commit,
 X-Linked-Etag (the SHA-256) and X-Linked-Size headers, or with the Hub's error codes (401/403 GatedRepo,
 401 RepoNotFound, 404 RevisionNotFound / EntryNotFound); the CDN serves the bytes, with byte ranges.
-Nothing of huggingface_hub is replaced: the real client talks HTTP to these servers."""
+Nothing of huggingface_hub is replaced: the real client (hf_hub_download) talks HTTP to these servers; the
+fixture only points the library's settings, read once at its import, at them (endpoint, offline flag, cache)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -21,13 +23,14 @@ GRANTED, DENIED = "hf_granted_token", "hf_denied_token"
 
 
 class LocalHub:
-    """The Hub and its CDN. ``repos``: repo id → {path: bytes}; ``gated``: repo ids needing GRANTED;
-    ``claimed``: (repo, path) → (size, sha256) the Hub states instead of the real ones. ``drop_after``:
+    """The Hub and its CDN. ``repos``: repo id → {path: bytes} at ``commit`` (main); ``gated``: repo ids
+    needing GRANTED; ``claimed``: (repo, path) → (size, sha256) the Hub states instead of the real ones. ``drop_after``:
     the next CDN body stops after that many bytes. Every request is logged as (server, method, path, headers
     with lower-case names).
     Both servers stop when the test ends, or by themselves after ``lifetime`` seconds."""
 
     def __init__(self, lifetime: float = 300.0):
+        self.commit = COMMIT  # what main resolves to
         self.repos: dict[str, dict[str, bytes]] = {}
         self.gated: set[str] = set()
         self.claimed: dict[tuple[str, str], tuple[int, str]] = {}
@@ -88,7 +91,7 @@ class LocalHub:
                 self.send_response(status)
                 self.send_header("X-Error-Code", code)
                 self.send_header("X-Error-Message", message)
-                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("X-Repo-Commit", hub.commit)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -106,7 +109,7 @@ class LocalHub:
                                            "access to it and be authenticated to access it. Please log in.")
                     return self._error(403, "GatedRepo", f"Access to model {repo} is restricted and you are not in "
                                        "the authorized list.")
-                if revision not in ("main", COMMIT):
+                if revision not in ("main", hub.commit):
                     return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
                 if path not in hub.repos[repo]:
                     return self._error(404, "EntryNotFound", f"{path} does not exist on \"{revision}\"")
@@ -114,7 +117,7 @@ class LocalHub:
                 size, sha = hub.claimed.get((repo, path), (len(data), hashlib.sha256(data).hexdigest()))
                 self.send_response(302)
                 self.send_header("Location", f"{hub.cdn_url}/blobs/{hashlib.sha256(data).hexdigest()}")
-                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("X-Repo-Commit", hub.commit)
                 self.send_header("X-Linked-Etag", f'"{sha}"')
                 self.send_header("X-Linked-Size", str(size))
                 self.send_header("ETag", '"a1b2c3d4e5f6a1b2c3d4e5f6a1b2c3d4e5f6a1b2"')
@@ -151,17 +154,36 @@ class LocalHub:
         return Handler
 
 
-@pytest.fixture
-def hub(comfy, monkeypatch, tmp_path):
-    running = LocalHub().start()
-    monkeypatch.setenv("HF_ENDPOINT", running.endpoint)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+def point_at(monkeypatch, endpoint: str) -> None:
+    """HF_ENDPOINT, in the environment and as huggingface_hub took it from there when it was imported."""
     import huggingface_hub.constants
 
-    # and no token from `hf auth login` on this machine (the path is read once, at import)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+
+
+def go_offline(monkeypatch, offline: bool = True) -> None:
+    """HF_HUB_OFFLINE, likewise."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+
+
+@pytest.fixture
+def hub(comfy, monkeypatch, tmp_path_factory):
+    import huggingface_hub.constants
+
+    running = LocalHub().start()
+    point_at(monkeypatch, running.endpoint)
+    go_offline(monkeypatch, False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    # no token from `hf auth login` and no file from this machine's Hugging Face cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path_factory.mktemp("hf") / "no-token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
     yield running
     running.stop()
 
@@ -181,6 +203,16 @@ def payload(size: int = 2 * CHUNK + 12345, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+def visible(folder) -> list[str]:
+    """The files a user sees in the folder (not the bookkeeping under .cache)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def record(folder, filename: str) -> dict:
+    return json.loads((folder / ".cache" / "svdquant" / "download" / f"{filename}.json").read_text())
+
+
 def test_downloads_into_the_folder_with_progress(hub, tmp_path):
     from comfyui_svdquant.nodes.download import fetch
 
@@ -190,22 +222,89 @@ def test_downloads_into_the_folder_with_progress(hub, tmp_path):
     path = fetch("svdq/public", "svdq-int4_r32-model.safetensors", tmp_path, progress=lambda d, t: seen.append((d, t)))
     assert path == tmp_path / "svdq-int4_r32-model.safetensors" and path.read_bytes() == data
     assert seen[-1] == (len(data), len(data)) and len(seen) >= 3  # progress after every chunk
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no partial file left
-    (head_path, head_headers), = hub.requests("hub", "HEAD")
-    assert head_path == "/svdq/public/resolve/main/svdq-int4_r32-model.safetensors"
-    assert "authorization" not in head_headers
+    assert visible(tmp_path) == [path.name]  # no partial file left
+    assert {p for p, _ in hub.requests("hub", "HEAD")} == {"/svdq/public/resolve/main/svdq-int4_r32-model.safetensors"}
+    assert all("authorization" not in headers for _, headers in hub.requests("hub", "HEAD"))
+    assert record(tmp_path, path.name) == {
+        "repo_id": "svdq/public", "filename": path.name, "revision": "main", "commit": COMMIT,
+        "etag": hashlib.sha256(data).hexdigest(), "size": len(data), "mtime_ns": path.stat().st_mtime_ns}
 
 
-def test_a_file_already_in_the_folder_is_used_without_the_network(hub, tmp_path, monkeypatch):
+def test_a_file_in_a_repository_folder_keeps_its_folder(hub, tmp_path):
     from comfyui_svdquant.nodes.download import fetch
 
-    (tmp_path / "model.safetensors").write_bytes(b"already here")
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    assert fetch("svdq/public", "sub/model.safetensors", tmp_path).read_bytes() == b"already here"
+    hub.add("svdq/public", "int4/model.safetensors", payload(3000))
+    hub.add("svdq/public", "fp4/model.safetensors", payload(4000))
+    for name in ("int4/model.safetensors", "fp4/model.safetensors"):
+        assert fetch("svdq/public", name, tmp_path) == tmp_path / name
+    assert visible(tmp_path) == ["fp4/model.safetensors", "int4/model.safetensors"]
+    assert (tmp_path / "int4/model.safetensors").read_bytes() == payload(3000)
+
+
+def test_a_download_is_reused_only_for_the_same_repository_file_and_revision(hub, tmp_path, monkeypatch):
+    from comfyui_svdquant.nodes.download import DownloadError, fetch
+
+    ours, theirs = payload(5000, seed=1), payload(6000, seed=2)
+    hub.add("svdq/ours", "model.safetensors", ours)
+    hub.add("svdq/theirs", "model.safetensors", theirs)
+    fetch("svdq/ours", "model.safetensors", tmp_path)
+
+    go_offline(monkeypatch)
+    hub.log.clear()
+    assert fetch("svdq/ours", "model.safetensors", tmp_path).read_bytes() == ours
+    assert fetch("svdq/ours", "model.safetensors", tmp_path, revision=COMMIT).read_bytes() == ours
+    for repo, revision in (("svdq/theirs", "main"), ("svdq/ours", "v2")):
+        with pytest.raises(DownloadError, match=r"'model.safetensors' in .* is not recorded as this download, so it is "
+                           rf"not used; cannot download 'model.safetensors' from {repo} \(revision {revision},"):
+            fetch(repo, "model.safetensors", tmp_path, revision=revision)
     assert hub.log == []
+    go_offline(monkeypatch, False)
+
+    point_at(monkeypatch, "http://127.0.0.1:9")  # the Hub cannot be asked for a newer commit: the recorded one
+    assert fetch("svdq/ours", "model.safetensors", tmp_path).read_bytes() == ours
+    point_at(monkeypatch, hub.endpoint)
+    assert fetch("svdq/theirs", "model.safetensors", tmp_path).read_bytes() == theirs  # replaced by the one asked for
+    assert record(tmp_path, "model.safetensors")["repo_id"] == "svdq/theirs"
+    assert visible(tmp_path) == ["model.safetensors"]
 
 
-def test_a_cancelled_download_resumes_where_it_stopped(hub, tmp_path, interrupts):
+def test_a_newer_commit_of_the_branch_replaces_the_download(hub, tmp_path):
+    from comfyui_svdquant.nodes.download import fetch
+
+    hub.add("svdq/public", "model.safetensors", payload(5000, seed=1))
+    fetch("svdq/public", "model.safetensors", tmp_path)
+    hub.add("svdq/public", "model.safetensors", payload(5000, seed=2))
+    hub.commit = "f" * 40
+    assert fetch("svdq/public", "model.safetensors", tmp_path).read_bytes() == payload(5000, seed=2)
+    assert record(tmp_path, "model.safetensors")["commit"] == "f" * 40
+
+
+def test_a_file_put_there_by_hand_is_neither_taken_for_the_download_nor_overwritten(hub, tmp_path):
+    from comfyui_svdquant.nodes.download import DownloadError, fetch
+
+    hub.add("svdq/public", "model.safetensors", payload(5000))
+    (tmp_path / "model.safetensors").write_bytes(b"my own model")
+    with pytest.raises(DownloadError, match=r"a different 'model.safetensors' \(0.00 GB\) is already in .*, not "
+                       r"downloaded by this node; 'model.safetensors' from svdq/public is 0.00 GB. Move or rename"):
+        fetch("svdq/public", "model.safetensors", tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == b"my own model" and hub.requests("cdn") == []
+
+
+def test_a_file_of_the_hubs_size_put_there_earlier_is_kept_only_if_its_sha256_matches(hub, tmp_path):
+    from comfyui_svdquant.nodes.download import fetch
+
+    data = payload(5000)
+    hub.add("svdq/public", "same.safetensors", data)
+    hub.add("svdq/public", "damaged.safetensors", data)
+    (tmp_path / "same.safetensors").write_bytes(data)  # e.g. from an earlier version of the node
+    (tmp_path / "damaged.safetensors").write_bytes(data[:-1] + b"\0")
+    assert fetch("svdq/public", "same.safetensors", tmp_path).read_bytes() == data
+    assert hub.requests("cdn") == [] and record(tmp_path, "same.safetensors")["repo_id"] == "svdq/public"
+    assert fetch("svdq/public", "damaged.safetensors", tmp_path).read_bytes() == data
+    assert len(hub.requests("cdn")) == 1
+
+
+def test_a_cancelled_download_stops_and_the_next_run_completes_it(hub, tmp_path, interrupts):
     from comfyui_svdquant.nodes.download import fetch
 
     data = payload()
@@ -217,15 +316,11 @@ def test_a_cancelled_download_resumes_where_it_stopped(hub, tmp_path, interrupts
 
     with pytest.raises(interrupts.InterruptProcessingException):
         fetch("svdq/public", "model.safetensors", tmp_path, progress=cancel_after_first_chunk)
-    (partial,) = tmp_path.glob(".model.safetensors.*.partial")
-    kept = partial.stat().st_size
-    assert CHUNK <= kept < len(data) and not (tmp_path / "model.safetensors").exists()
+    assert visible(tmp_path) == []
+    assert not (tmp_path / ".cache" / "svdquant").exists()  # nothing recorded
 
     interrupts.interrupt_current_processing(False)
-    path = fetch("svdq/public", "model.safetensors", tmp_path)
-    assert path.read_bytes() == data and not partial.exists()
-    last_path, last_headers = hub.requests("cdn")[-1]
-    assert last_headers.get("range") == f"bytes={kept}-"  # only the rest was asked for
+    assert fetch("svdq/public", "model.safetensors", tmp_path).read_bytes() == data
 
 
 def test_a_broken_connection_is_resumed_by_range_request(hub, tmp_path):
@@ -236,7 +331,7 @@ def test_a_broken_connection_is_resumed_by_range_request(hub, tmp_path):
     hub.drop_after = CHUNK + 1000
     assert fetch("svdq/public", "model.safetensors", tmp_path).read_bytes() == data
     ranges = [headers.get("range") for _, headers in hub.requests("cdn")]
-    assert ranges[0] is None and ranges[1] == f"bytes={CHUNK}-"
+    assert ranges[0] is None and ranges[1] in (f"bytes={CHUNK}-", f"bytes={CHUNK + 1000}-")  # only the rest
 
 
 def test_gated_repository_needs_the_token_from_the_environment(hub, tmp_path, monkeypatch):
@@ -248,7 +343,8 @@ def test_gated_repository_needs_the_token_from_the_environment(hub, tmp_path, mo
     for token in (None, DENIED):
         if token:
             monkeypatch.setenv("HF_TOKEN", token)
-        with pytest.raises(DownloadError, match="svdq/gated is a gated repository.*HF_TOKEN"):
+        with pytest.raises(DownloadError, match=r"cannot download 'model.safetensors' from svdq/gated .*svdq/gated is "
+                           "a gated repository.*HF_TOKEN"):
             fetch("svdq/gated", "model.safetensors", tmp_path)
     assert [h.get("authorization") for _, h in hub.requests("hub", "HEAD")] == [None, f"Bearer {DENIED}"]
 
@@ -267,22 +363,25 @@ def test_not_found_says_what_is_missing(hub, tmp_path, repo, filename, revision,
     from comfyui_svdquant.nodes.download import DownloadError, fetch
 
     hub.add("svdq/public", "model.safetensors", payload(100))
-    with pytest.raises(DownloadError, match=message):
+    with pytest.raises(DownloadError, match=rf"cannot download '{filename}' from {repo} \(revision {revision}, "
+                       rf"{hub.endpoint}\): .*{message}"):
         fetch(repo, filename, tmp_path, revision=revision)
-    assert list(tmp_path.iterdir()) == []
+    assert visible(tmp_path) == []
 
 
 def test_offline_or_unreachable_says_so(hub, tmp_path, monkeypatch):
     from comfyui_svdquant.nodes.download import DownloadError, fetch
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DownloadError, match="offline mode is on"):
+    go_offline(monkeypatch)
+    with pytest.raises(DownloadError, match=r"cannot download 'model.safetensors' from svdq/public .*offline mode is "
+                       "on"):
         fetch("svdq/public", "model.safetensors", tmp_path)
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(DownloadError, match="cannot reach http://127.0.0.1:9"):
+    go_offline(monkeypatch, False)
+    point_at(monkeypatch, "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(DownloadError, match=r"cannot download 'model.safetensors' from svdq/public \(revision main, "
+                       r"http://127.0.0.1:9\): the Hub did not answer"):
         fetch("svdq/public", "model.safetensors", tmp_path)
-    assert hub.log == [] and list(tmp_path.iterdir()) == []
+    assert hub.log == [] and visible(tmp_path) == []
 
 
 def test_not_enough_disk_space_is_refused_before_downloading(hub, tmp_path):
@@ -291,9 +390,21 @@ def test_not_enough_disk_space_is_refused_before_downloading(hub, tmp_path):
     data = payload(100)
     hub.add("svdq/public", "huge.safetensors", data)
     hub.claimed[("svdq/public", "huge.safetensors")] = (10**18, hashlib.sha256(data).hexdigest())  # an exabyte
-    with pytest.raises(DownloadError, match="not enough free space .* it needs 1000000000.00 GB more"):
+    with pytest.raises(DownloadError, match="not enough free space .* for 'huge.safetensors' from svdq/public: it "
+                       "needs 1000000000.00 GB more"):
         fetch("svdq/public", "huge.safetensors", tmp_path)
-    assert hub.requests("cdn") == [] and list(tmp_path.iterdir()) == []
+    assert hub.requests("cdn") == [] and visible(tmp_path) == []
+
+
+def test_a_full_disk_during_the_download_names_the_repository_and_file(comfy):
+    import errno
+
+    from comfyui_svdquant.nodes.download import _describe
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert _describe(full, "svdq/public", "model.safetensors", "main").startswith(
+        "cannot download 'model.safetensors' from svdq/public (revision main, ") and "the disk is full" in \
+        _describe(full, "svdq/public", "model.safetensors", "main")
 
 
 def test_a_download_that_does_not_match_the_hubs_hash_is_deleted(hub, tmp_path):
@@ -302,12 +413,35 @@ def test_a_download_that_does_not_match_the_hubs_hash_is_deleted(hub, tmp_path):
     data = payload(5000)
     hub.add("svdq/public", "model.safetensors", data)
     hub.claimed[("svdq/public", "model.safetensors")] = (len(data), hashlib.sha256(b"other").hexdigest())
-    with pytest.raises(DownloadError, match="is corrupt .*SHA-256"):
+    with pytest.raises(DownloadError, match=r"the download of 'model.safetensors' from svdq/public \(revision main\) "
+                       "is corrupt .*SHA-256"):
         fetch("svdq/public", "model.safetensors", tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    assert visible(tmp_path) == []
+    del hub.claimed[("svdq/public", "model.safetensors")]
+    assert fetch("svdq/public", "model.safetensors", tmp_path).read_bytes() == data  # downloaded again, not trusted
 
 
-def test_node_downloads_and_loads_a_checkpoint(hub, model_folders):
+WINDOWS_AND_POSIX_ESCAPES = [
+    "C:\\models\\m.safetensors", "C:m.safetensors", "c:/models/m.safetensors", "\\\\server\\share\\m.safetensors",
+    "//server/share/m.safetensors", "\\m.safetensors", "..\\..\\m.safetensors", "sub\\..\\..\\m.safetensors",
+    "/etc/m.safetensors", "../m.safetensors", "sub/../../m.safetensors", "sub//m.safetensors",
+]
+
+
+@pytest.mark.parametrize("filename", WINDOWS_AND_POSIX_ESCAPES)
+def test_paths_that_leave_the_folder_are_refused_for_every_os(hub, tmp_path, filename):
+    from comfyui_svdquant.nodes.download import DownloadError, SVDQuantDownloadModel, fetch
+
+    result = SVDQuantDownloadModel.validate_inputs("svdq/public", filename, "main")
+    assert isinstance(result, str) and result.startswith(f"filename '{filename}' ")
+    with pytest.raises(DownloadError) as refused:
+        fetch("svdq/public", filename, tmp_path / "models")
+    assert str(refused.value).startswith(f"filename '{filename}' ")
+    assert hub.log == [] and list(tmp_path.iterdir()) == []
+
+
+def test_node_downloads_and_loads_a_checkpoint_with_progress(hub, model_folders):
+    import comfy.utils
     import torch
 
     from comfyui_svdquant.nodes.download import SVDQuantDownloadModel
@@ -321,9 +455,16 @@ def test_node_downloads_and_loads_a_checkpoint(hub, model_folders):
 
     assert SVDQuantDownloadModel.validate_inputs("nunchaku-tech/nunchaku-tiny", "svdq-int4_r16-tiny.safetensors",
                                                  "main") is True
-    model, name = SVDQuantDownloadModel.execute("nunchaku-tech/nunchaku-tiny", "svdq-int4_r16-tiny.safetensors",
-                                                "main", "bfloat16", "torch").args
+    shown = []  # what ComfyUI's progress bar sends to the browser
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None, *args, **kwargs:
+                                             shown.append((value, total)))
+    try:
+        model, name = SVDQuantDownloadModel.execute("nunchaku-tech/nunchaku-tiny", "svdq-int4_r16-tiny.safetensors",
+                                                    "main", "bfloat16", "torch").args
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
     assert name == "svdq-int4_r16-tiny.safetensors"
+    assert (source.stat().st_size, source.stat().st_size) in shown  # then the loader's own bar
     assert (model_folders["diffusion_models"] / name).read_bytes() == source.read_bytes()
     assert not validation_errors("SVDQuantModelLoader", model_name=name, compute_dtype="auto",
                                  kernel_backend="auto")  # listed by the loader from now on
