@@ -133,6 +133,7 @@ def fetch(repo_id: str, filename: str, folder: str | os.PathLike, revision: str 
     (the repository's path inside it): downloaded, unless the file there is recorded as that very download.
     ``progress(bytes done, bytes total)`` follows the download; ComfyUI's Cancel stops it."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.utils import OfflineModeIsEnabled
 
     if problem := repo_path_problem(filename):
         raise DownloadError(f"filename '{filename}' {problem}")
@@ -143,6 +144,8 @@ def fetch(repo_id: str, filename: str, folder: str | os.PathLike, revision: str 
     if asked and (revision == source.commit or constants.HF_HUB_OFFLINE):
         return target  # a commit never changes; offline, the recorded download is the one asked for
     try:  # what the Hub has now (and whether it answers at all), before anything on disk is touched
+        if constants.HF_HUB_OFFLINE:  # (huggingface_hub before 1.0 reads the flag once per session)
+            raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
         meta = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
     except Exception as exc:
         if asked:
