@@ -4,10 +4,11 @@ and load it, so a user never has to leave ComfyUI.
 The file is downloaded by huggingface_hub's ``hf_hub_download`` into the diffusion_models folder (its
 ``local_dir`` mode: the repository's path below that folder, the library's notes in ``.cache/huggingface``
 there), so the library's endpoint (``HF_ENDPOINT``), token (``HF_TOKEN``, ``hf auth login``), offline mode
-(``HF_HUB_OFFLINE``), proxies, retries, resumption of a dropped connection and size/checksum checks apply as
-everywhere else. The node adds what the library does not know: which repository and revision a file in the
-folder came from (:mod:`.download_record`), so a file is reused only when it is the one asked for, and a
-file of the same name put there by hand is neither taken for it nor overwritten.
+(``HF_HUB_OFFLINE``), proxies, retries, resumption of a dropped connection and size check apply as everywhere
+else. The node adds what the library does not know: which repository and revision a file in the folder came
+from (:mod:`.download_record`), so a file is reused only when it is the one asked for, and a file of the
+same name put there by hand is neither taken for it nor overwritten; and it checks a new download against
+the Hub's SHA-256, which the library does not do for an HTTP download.
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ def fetch(repo_id: str, filename: str, folder: str | os.PathLike, revision: str 
                         "newer one: %s", target, repo_id, revision, source.commit[:12], exc)
             return target
         raise DownloadError(_unrecorded(target, folder) + _describe(exc, repo_id, filename, revision)) from exc
+    if meta.size is None or not meta.etag or not meta.commit_hash:
+        raise DownloadError(f"{constants.ENDPOINT} gave no size, ETag or commit for '{filename}' from {repo_id}: it "
+                            "does not answer like the Hugging Face Hub (check HF_ENDPOINT)")
     _check_room(target, folder, source, meta.size, f"'{filename}' from {repo_id}")
 
     def written(done: int, total: int) -> None:
@@ -168,8 +172,8 @@ def fetch(repo_id: str, filename: str, folder: str | os.PathLike, revision: str 
     except Exception as exc:  # every library and network error, turned into a sentence
         raise DownloadError(_describe(exc, repo_id, filename, revision)) from exc
     if _identity(target) != before:
-        _verify(target, meta.etag or "", f"'{filename}' from {repo_id} (revision {revision})")
-    write_source(folder, repo_id, filename, revision, meta.commit_hash or revision, meta.etag or "")
+        _verify(target, meta.etag, f"'{filename}' from {repo_id} (revision {revision})")
+    write_source(folder, repo_id, filename, revision, meta.commit_hash, meta.etag)
     return target
 
 
@@ -206,9 +210,9 @@ def _unrecorded(target: Path, folder: Path) -> str:
 
 def _check_room(target: Path, folder: Path, source: Source | None, size: int, what: str) -> None:
     """Refuse, before downloading, a download that cannot fit, or one that would overwrite a file it does
-    not know. huggingface_hub replaces a file whose contents differ from the Hub's: fine for its own earlier
-    download (another repository or revision), not for a file put there by hand, unless it is the same
-    file (same size; the library then checks its SHA-256 and keeps it)."""
+    not know. huggingface_hub replaces a file whose contents differ from the Hub's: fine for this node's
+    earlier download (another repository or revision), not for a file put there by hand, unless it has the
+    Hub's size: the library then compares its SHA-256, keeps it if it matches and replaces a damaged copy."""
     have = target.stat().st_size if target.is_file() else 0
     if target.is_file() and source is None and have != size:
         raise DownloadError(f"a different '{target.name}' ({_gb(have)}) is already in {target.parent}, not "

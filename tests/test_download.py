@@ -405,6 +405,29 @@ def test_offline_or_unreachable_says_so(hub, tmp_path, monkeypatch):
     assert hub.log == [] and visible(tmp_path) == []
 
 
+def test_an_endpoint_that_is_not_a_hub_says_so(hub, tmp_path, monkeypatch):
+    import functools
+    from http.server import SimpleHTTPRequestHandler
+
+    from comfyui_svdquant.nodes.download import DownloadError, fetch
+
+    site = tmp_path / "site"  # a plain web server (no ETag, no commit), as a mistyped HF_ENDPOINT may give
+    (site / "svdq/public/resolve/main").mkdir(parents=True)
+    (site / "svdq/public/resolve/main/model.safetensors").write_bytes(payload(100))
+    quiet = type("Quiet", (SimpleHTTPRequestHandler,), {"log_message": lambda *args: None})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(site)))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        point_at(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(DownloadError, match=r"gave no size, ETag or commit for 'model.safetensors' from "
+                           r"svdq/public: it does not answer like the Hugging Face Hub \(check HF_ENDPOINT\)"):
+            fetch("svdq/public", "model.safetensors", tmp_path / "models")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "models").exists()
+
+
 def test_not_enough_disk_space_is_refused_before_downloading(hub, tmp_path):
     from comfyui_svdquant.nodes.download import DownloadError, fetch
 
