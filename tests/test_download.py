@@ -168,6 +168,21 @@ def test_a_file_put_there_by_hand_is_neither_taken_for_the_download_nor_overwrit
     assert (tmp_path / "model.safetensors").read_bytes() == b"my own model" and hub.requests("cdn") == []
 
 
+def test_a_download_replaced_by_hand_afterwards_is_no_longer_taken_for_it(hub, tmp_path, monkeypatch):
+    from comfyui_svdquant.nodes.download import DownloadError, fetch
+
+    hub.add("svdq/public", "model.safetensors", payload(5000))
+    path = fetch("svdq/public", "model.safetensors", tmp_path)
+    path.write_bytes(b"re-quantized by hand")  # the record describes the file as it was downloaded
+    go_offline(monkeypatch)
+    with pytest.raises(DownloadError, match="is not recorded as this download"):
+        fetch("svdq/public", "model.safetensors", tmp_path)
+    go_offline(monkeypatch, False)
+    with pytest.raises(DownloadError, match="a different 'model.safetensors' .* not downloaded by this node"):
+        fetch("svdq/public", "model.safetensors", tmp_path)
+    assert path.read_bytes() == b"re-quantized by hand"
+
+
 def test_a_file_of_the_hubs_size_put_there_earlier_is_kept_only_if_its_sha256_matches(hub, tmp_path):
     from comfyui_svdquant.nodes.download import fetch
 
