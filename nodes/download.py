@@ -115,6 +115,9 @@ def _progress_bars(report: Callable[[int, int], None]) -> dict:
 
     class Reporting(tqdm):
         def __init__(self, *args, **kwargs):
+            # a Xet download also shows the bytes received ("<name>.transfer", compressed and deduplicated): the
+            # bytes written are the ones that add up to the file
+            self.reports = not str(kwargs.get("name") or "").endswith(".transfer")
             super().__init__(*args, **kwargs)
             # counted here: a bar the library disables (no terminal, HF_HUB_DISABLE_PROGRESS_BARS) counts nothing
             self.done, self.size = kwargs.get("initial") or 0, kwargs.get("total") or 0
@@ -122,7 +125,8 @@ def _progress_bars(report: Callable[[int, int], None]) -> dict:
         def update(self, n: float | None = 1) -> bool | None:
             shown = super().update(n)
             self.done += n or 0
-            report(int(self.done), self.size)
+            if self.reports:
+                report(int(self.done), self.size)
             return shown
 
     return {"tqdm_class": Reporting}

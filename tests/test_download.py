@@ -197,6 +197,27 @@ def test_a_file_of_the_hubs_size_put_there_earlier_is_kept_only_if_its_sha256_ma
     assert len(hub.requests("cdn")) == 1
 
 
+def test_a_xet_download_reports_the_bytes_written_not_those_received(comfy):
+    """Files on Xet storage come through hf_xet, whose progress huggingface_hub's reporter turns into two bars
+    (written, received); this drives that reporter as hf_xet does, with the node's bar class."""
+    import logging
+    from types import SimpleNamespace
+
+    from comfyui_svdquant.nodes.download import _progress_bars
+
+    needs_progress_reports()
+    reporter = pytest.importorskip("huggingface_hub.utils._xet_progress_reporting").XetDownloadProgressReporter
+    seen = []
+    bars = _progress_bars(lambda done, total: seen.append((done, total)))["tqdm_class"]
+    with reporter(reconstruction_desc="model: reconstructing file", transfer_desc="model: downloading bytes",
+                  total=1000, log_level=logging.INFO, name="huggingface_hub.xet_get", tqdm_class=bars) as progress:
+        for written, received in ((300, 100), (1000, 350)):
+            progress.update_progress(SimpleNamespace(
+                total_bytes_completed=written, total_transfer_bytes_completed=received, total_bytes=1000,
+                total_bytes_completion_rate=None, total_transfer_bytes_completion_rate=None))
+    assert seen == [(300, 1000), (1000, 1000)]
+
+
 def test_a_cancelled_download_stops_and_the_next_run_completes_it(hub, tmp_path, interrupts):
     from comfyui_svdquant.nodes.download import fetch
 
