@@ -42,9 +42,10 @@ class ServerError(RuntimeError):
 
 class ComfyServer:
     def __init__(self, comfyui: Path, base: Path, start_timeout: float = 180.0, cpu: bool = True,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), env: dict[str, str | None] | None = None):
         self.comfyui, self.base, self.start_timeout, self.cpu = comfyui, base, start_timeout, cpu
         self.extra_args = extra_args
+        self.env = env or {}  # set in the server's environment; None removes a variable
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = base / "server.log"
@@ -62,6 +63,11 @@ class ComfyServer:
                    # ComfyUI's database under the test's folder: nothing is written into the ComfyUI tree
                    "--database-url", f"sqlite:///{self.base / 'comfyui.db'}", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for name, value in self.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.start_timeout

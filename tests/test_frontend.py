@@ -15,6 +15,7 @@ import pytest
 import workflow_format as wf
 from comfy_server import ComfyServer
 from frontend import Frontend, unavailable
+from local_hub import hub_for_workflows, server_environment
 
 from tiny_pipeline import populate
 
@@ -29,11 +30,13 @@ def browser(comfy, tmp_path_factory):
         pytest.skip(why)
     base = tmp_path_factory.mktemp("comfyui-frontend")
     populate(base / "models")
-    server = ComfyServer(comfy, base).start()
+    hub = hub_for_workflows(base / "models")  # what Download SVDQuant Model fetches
+    server = ComfyServer(comfy, base, env=server_environment(hub, base)).start()
     page = Frontend(server.url, base / "screenshots")
     yield server, page
     page.close()
     server.stop()
+    hub.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import json
 import pytest
 import workflow_format as wf
 from comfy_server import ComfyServer
+from local_hub import hub_for_workflows, server_environment
 
 from tiny_pipeline import populate
 
@@ -25,9 +26,11 @@ WORKFLOW_FILES = sorted(wf.WORKFLOWS.glob("*.json")) + sorted((wf.WORKFLOWS / "a
 def server(comfy, tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui-workflows")
     populate(base / "models")
-    running = ComfyServer(comfy, base).start()
+    hub = hub_for_workflows(base / "models")  # what Download SVDQuant Model fetches
+    running = ComfyServer(comfy, base, env=server_environment(hub, base)).start()
     yield running
     running.stop()
+    hub.stop()
 
 
 @pytest.fixture(scope="module")
