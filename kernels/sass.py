@@ -19,6 +19,10 @@ from pathlib import Path
 TOOLS = ("cuobjdump", "nvdisasm")
 _FUNCTION = re.compile(r"Function : (\w+)|^//-+ \.text\.(\w+) -+$", re.M)
 _INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*(?:\.[A-Z0-9_]+)*)", re.M)
+# An instruction with its address and, for a branch, its target (cuobjdump: "BRA 0x2120"; nvdisasm: a label).
+_ADDRESSED = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*(?:\.[A-Z0-9_]+)*)"
+                        r"(?:[^;]*?\b(?:0x([0-9a-f]+)|`?\(?\.L_x_(\d+)\)?`?))?", re.M)
+_LABEL = re.compile(r"^\.L_x_(\d+):\s*$", re.M)
 
 
 def find_tool() -> Path | None:
@@ -52,6 +56,30 @@ def disassemble(cubin: bytes, tool: Path) -> dict[str, str]:
 def opcodes(listing: str) -> Counter:
     """Full mnemonics (with modifiers, e.g. ``IMMA.16864.S4.S4``) and how often each occurs."""
     return Counter(_INSTRUCTION.findall(listing))
+
+
+def main_loop(listing: str, mnemonic: str) -> Counter:
+    """The opcodes of the innermost loop that holds every ``mnemonic`` instruction of a kernel (e.g. the
+    GEMM's K loop around its IMMAs): the instructions from a backward branch's target to the branch."""
+    labels = {}
+    for match in _LABEL.finditer(listing):  # nvdisasm: a label stands before the instruction it names
+        following = _ADDRESSED.search(listing, match.end())
+        if following:
+            labels[match.group(1)] = int(following.group(1), 16)
+    code = []
+    for address, op, target, label in _ADDRESSED.findall(listing):
+        goal = None
+        if op.startswith("BRA"):
+            goal = int(target, 16) if target else labels.get(label)
+        code.append((int(address, 16), op, goal))
+    where = [a for a, op, _ in code if op == mnemonic or op.startswith(mnemonic + ".")]
+    if not where:
+        raise ValueError(f"no {mnemonic} in this kernel")
+    loops = [(goal, a) for a, _, goal in code if goal is not None and goal <= min(where) and a >= max(where)]
+    if not loops:
+        raise ValueError(f"the {mnemonic} instructions are in no loop")
+    start, end = min(loops, key=lambda loop: loop[1] - loop[0])
+    return Counter(op for a, op, _ in code if start <= a <= end)
 
 
 def count(ops: Counter, prefix: str) -> int:
