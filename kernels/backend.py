@@ -122,8 +122,9 @@ def _input(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, int, int]:
     rows are dense and 16-byte aligned (FLUX's linear2 halves and SDXL's 320-wide layers need no copy);
     anything else is copied once, padded to ``kp`` columns."""
     m, k = x.shape
-    ldx = x.stride(0) if m > 1 else k
-    if x.stride(1) == 1 and k % 8 == 0 and ldx % 8 == 0 and ldx >= k and _aligned(x):
+    row, column = x.stride()
+    ldx = row if m > 1 else k
+    if column == 1 and k % 8 == 0 and ldx % 8 == 0 and ldx >= k and x.data_ptr() % 16 == 0:
         return x, ldx, k
     return _padded(x, kp), kp, kp
 
@@ -228,12 +229,11 @@ def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, 
 
 
 def _plan_key(layer: torch.nn.Module, x: torch.Tensor, *shape: int) -> tuple:
-    """Everything a plan depends on: the input's shape, dtype and device, the weights' addresses and
-    layouts, and the layer's kind."""
-    tensors = [t for t in layer._buffers.values() if t is not None]
-    return (*shape, x.dtype, x.device.index, layer.out_features, layer.kernel_backend,
-            getattr(layer, "precision", "w4a16"), getattr(layer, "act_unsigned", False),
-            *((t.data_ptr(), t.shape, t.dtype) for t in tensors))
+    """Everything a plan depends on: the input's shape, dtype and device, the layer's kind, and its weights'
+    addresses and layout (every buffer's shape follows from qweight's, the rank and the kind)."""
+    return (*shape, x.dtype, x.device.index, type(layer), layer.kernel_backend, layer.out_features,
+            getattr(layer, "precision", None), getattr(layer, "act_unsigned", False), getattr(layer, "rank", 0),
+            layer.qweight.shape, *[t.data_ptr() for t in layer._buffers.values() if t is not None])
 
 
 def _cached(key: tuple, make) -> _Plan | str:
