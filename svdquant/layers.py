@@ -30,7 +30,61 @@ def check_rank(rank: int, where: str = "rank") -> int:
     return rank
 
 
-class W4A4Linear(nn.Module):
+class W4A4Reference:
+    """The reference path of a W4A4 layer, over the attributes :class:`W4A4Linear` holds (its buffers,
+    ``precision``, ``act_unsigned``, ``out_features``): the module runs it, and so does the custom op
+    (:mod:`.torch_ops`) on the tensors it is handed."""
+
+    __slots__ = ()
+
+    @property
+    def rank(self) -> int:
+        return self.proj_down.shape[1]
+
+    def weight_codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unpacked residual codes (Np, Kp) and the fp32 scales (Np, Kp/group) they multiply."""
+        signed = self.precision == "int4"
+        codes = packing.unpack_qweight(self.qweight, signed=signed)
+        if signed:
+            return codes, packing.unpack_scales(self.wscales).float()
+        scales = nvfp4.effective_weight_scales(
+            packing.unpack_fp8_scales(self.wscales), packing.unpack_vector(self.wcscales), self.wtscale
+        )
+        return codes, scales
+
+    def residual(self) -> torch.Tensor:
+        """fp32 (Np, Kp): the dequantized 4-bit residual, in the smoothed input space."""
+        codes, scales = self.weight_codes_and_scales()
+        if self.precision == "int4":
+            return int4.dequantize_weight(codes, scales)
+        return nvfp4.dequantize_weight(codes, scales)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 (M, Kp): what the 4-bit GEMM sees of a padded input."""
+        smooth = packing.unpack_vector(self.smooth_factor)
+        if self.precision == "int4":
+            return int4.dequantize_activations(*int4.quantize_activations(x, smooth, self.act_unsigned))
+        return nvfp4.dequantize_activations(*nvfp4.quantize_activations(x, smooth))
+
+    def branch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unpacked (down (R, Kp), up (Np, R)) in their stored 16-bit dtype."""
+        return packing.unpack_down(self.proj_down), packing.unpack_up(self.proj_up)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, in_features) → (M, out_features), in x's dtype."""
+        kp = self.qweight.shape[1] * 2
+        xp = packing.pad_to(x, (x.shape[0], kp))
+        y = self.quantized_input(xp) @ self.residual().T
+        if self.rank:
+            down, up = self.branch_factors()
+            lora_act = (xp.to(down.dtype).float() @ down.float().T).to(up.dtype)
+            y += lora_act.float() @ up.float().T
+        if self.bias is not None:
+            y += packing.unpack_vector(self.bias).float()
+        return y[:, : self.out_features].to(x.dtype)
+
+
+class W4A4Linear(W4A4Reference, nn.Module):
     """SVDQuant W4A4 linear: 4-bit residual, 4-bit activations, 16-bit low-rank branch."""
 
     def __init__(
@@ -76,13 +130,16 @@ class W4A4Linear(nn.Module):
             buffer("wcscales", (np_,), dtype)
             buffer("wtscale", (1,), dtype)
 
-    @property
-    def rank(self) -> int:
-        return self.proj_down.shape[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = dispatch.w4a4(self, x.reshape(-1, x.shape[-1]))
+        x = x.reshape(-1, x.shape[-1])
+        if torch.compiler.is_compiling():  # one opaque op to the compiler (svdquant/torch_ops.py)
+            y = torch.ops.svdquant.w4a4(x, self.qweight, self.wscales, self.smooth_factor, self.proj_down,
+                                        self.proj_up, self.bias, getattr(self, "wcscales", None),
+                                        getattr(self, "wtscale", None), self.precision, self.act_unsigned,
+                                        self.out_features, self.kernel_backend)
+        else:
+            y = dispatch.w4a4(self, x)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -90,50 +147,6 @@ class W4A4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"precision={self.precision}, act_unsigned={self.act_unsigned}"
         )
-
-    # -- the reference path ---------------------------------------------------------------------
-
-    def weight_codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unpacked residual codes (Np, Kp) and the fp32 scales (Np, Kp/group) they multiply."""
-        signed = self.precision == "int4"
-        codes = packing.unpack_qweight(self.qweight, signed=signed)
-        if signed:
-            return codes, packing.unpack_scales(self.wscales).float()
-        scales = nvfp4.effective_weight_scales(
-            packing.unpack_fp8_scales(self.wscales), packing.unpack_vector(self.wcscales), self.wtscale
-        )
-        return codes, scales
-
-    def residual(self) -> torch.Tensor:
-        """fp32 (Np, Kp): the dequantized 4-bit residual, in the smoothed input space."""
-        codes, scales = self.weight_codes_and_scales()
-        if self.precision == "int4":
-            return int4.dequantize_weight(codes, scales)
-        return nvfp4.dequantize_weight(codes, scales)
-
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 (M, Kp): what the 4-bit GEMM sees of a padded input."""
-        smooth = packing.unpack_vector(self.smooth_factor)
-        if self.precision == "int4":
-            return int4.dequantize_activations(*int4.quantize_activations(x, smooth, self.act_unsigned))
-        return nvfp4.dequantize_activations(*nvfp4.quantize_activations(x, smooth))
-
-    def branch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unpacked (down (R, Kp), up (Np, R)) in their stored 16-bit dtype."""
-        return packing.unpack_down(self.proj_down), packing.unpack_up(self.proj_up)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, in_features) → (M, out_features), in x's dtype."""
-        kp = self.qweight.shape[1] * 2
-        xp = packing.pad_to(x, (x.shape[0], kp))
-        y = self.quantized_input(xp) @ self.residual().T
-        if self.rank:
-            down, up = self.branch_factors()
-            lora_act = (xp.to(down.dtype).float() @ down.float().T).to(up.dtype)
-            y += lora_act.float() @ up.float().T
-        if self.bias is not None:
-            y += packing.unpack_vector(self.bias).float()
-        return y[:, : self.out_features].to(x.dtype)
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fp32 (weight (N, K), bias (N,)) of the dense layer this one stands for (no activation
@@ -153,7 +166,26 @@ class W4A4Linear(nn.Module):
         return weight[:n, :k].contiguous(), None if bias is None else bias[:n].contiguous()
 
 
-class W4A16Linear(nn.Module):
+class W4A16Reference:
+    """The reference path of a W4A16 layer, over the attributes :class:`W4A16Linear` holds (see
+    :class:`W4A4Reference`)."""
+
+    __slots__ = ()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 (Np, Kp)."""
+        codes = packing.unpack_awq_qweight(self.qweight)
+        return w4a16.dequantize_weight(codes, self.wscales.T, self.wzeros.T)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        kp = self.qweight.shape[1] * 2
+        y = packing.pad_to(x, (x.shape[0], kp)).float() @ self.dequantized_weight().T
+        if self.bias is not None:
+            y += self.bias.float()
+        return y[:, : self.out_features].to(x.dtype)
+
+
+class W4A16Linear(W4A16Reference, nn.Module):
     """4-bit weights with a zero point, 16-bit activations (AdaLN modulation layers)."""
 
     def __init__(
@@ -185,25 +217,17 @@ class W4A16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        y = dispatch.w4a16(self, x2)
+        if torch.compiler.is_compiling():  # see W4A4Linear.forward
+            y = torch.ops.svdquant.w4a16(x2, self.qweight, self.wscales, self.wzeros, self.bias, self.out_features,
+                                         self.kernel_backend)
+        else:
+            y = dispatch.w4a16(self, x2)
         if self.lora_down is not None:
             y = y + ((x2.to(self.lora_down.dtype) @ self.lora_down.T) @ self.lora_up[: self.out_features].T).to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """fp32 (Np, Kp)."""
-        codes = packing.unpack_awq_qweight(self.qweight)
-        return w4a16.dequantize_weight(codes, self.wscales.T, self.wzeros.T)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        kp = self.qweight.shape[1] * 2
-        y = packing.pad_to(x, (x.shape[0], kp)).float() @ self.dequantized_weight().T
-        if self.bias is not None:
-            y += self.bias.float()
-        return y[:, : self.out_features].to(x.dtype)
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         n, k = self.out_features, self.in_features
