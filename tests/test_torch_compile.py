@@ -158,12 +158,11 @@ def sample(model) -> torch.Tensor:
 
 def test_torch_compile_model_node_samples_like_eager_in_one_graph(svdquant_flux, pytorch_attention, monkeypatch):
     import nodes
+    import torch._inductor.config
 
     # Inductor keeps bf16 intermediates in fp32 unless told to round as eager does: that alone moves the
     # tiny 16-bit FLUX's 2-step sample by 5%, and with the casts emulated by 0.14% (the SVDQuant one by 0.7%:
     # an input that moves by a rounding step can move a 4-bit activation code by one).
-    import torch._inductor.config
-
     monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", True)
 
     counts = layer_counts(svdquant_flux)
