@@ -3,7 +3,8 @@
 A layer's buffers are exactly the tensors of one layer in the file (python-style names, padded
 shapes), so loading is a copy and saving is a read. ``forward`` asks :mod:`svdquant.dispatch` for a
 fused kernel and otherwise runs the reference path below, which is the definition of what every
-kernel computes and the fallback on CPUs and unsupported GPUs.
+kernel computes and the fallback on CPUs and unsupported GPUs. Under ``torch.compile`` the same choice
+runs inside one custom op per layer (:mod:`.torch_ops`).
 
 W4A4, for x of shape (M, K) and the padded sizes Kp, Np:
     codes, ascales = quantize_activations(x / smooth)            # + GELU shift when act_unsigned

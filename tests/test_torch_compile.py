@@ -81,6 +81,16 @@ def test_w4a16_op_is_the_layer_and_the_lora_term_stays_outside():
     assert graph_ops(layer, x) == (["w4a16"], 0)
 
 
+def test_one_graph_serves_every_token_count():
+    """The fake implementation's output follows a symbolic row count: a new image size does not recompile."""
+    layer = random_w4a4(256, 128, 16, "int4")
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    for rows in (3, 17, 64):
+        x = torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        assert torch.equal(compiled(x), layer(x))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_the_op_asks_the_installed_kernel_with_the_layers_tensors():
     """Compiled, a layer still runs the kernel where one is installed and serves the call, else the
     reference path: the op hands the dispatch a view of the same tensors and settings."""
