@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_layers import random_w4a4
 
-from comfyui_svdquant.svdquant import dispatch, packing
+from comfyui_svdquant.svdquant import dispatch
 from comfyui_svdquant.svdquant.layers import W4A4Linear, W4A16Linear
+from comfyui_svdquant.svdquant.quantizer import quantize_w4a16
 from comfyui_svdquant.svdquant.torch_ops import W4A4Tensors, W4A16Tensors
 
 OPS = {"w4a4": (torch.ops.svdquant.w4a4, torch.ops.svdquant.w4a4.default),
@@ -26,18 +27,12 @@ def fresh_compiler():
     dispatch.install("w4a16", None)
 
 
-def random_w4a16(k: int, n: int, seed: int = 0, lora_rank: int = 0) -> W4A16Linear:
-    g = torch.Generator().manual_seed(seed)
-    layer = W4A16Linear(k, n)
-    kp, np_ = layer.qweight.shape[1] * 2, layer.qweight.shape[0] * 4
-    layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, generator=g, dtype=torch.int32))
-    layer.wscales.copy_((torch.rand(layer.wscales.shape, generator=g) * 0.02 + 0.001).bfloat16())
-    layer.wzeros.copy_((torch.randn(layer.wzeros.shape, generator=g) * 0.05).bfloat16())
-    layer.bias.copy_(torch.randn(np_, generator=g).bfloat16())
-    if lora_rank:
-        layer.lora_down = (torch.randn(lora_rank, k, generator=g) * 0.05).bfloat16()
-        layer.lora_up = (torch.randn(np_, lora_rank, generator=g) * 0.05).bfloat16()
-    assert kp == packing.round_up(k, 128)
+def w4a16_with_lora(k: int, n: int, lora_rank: int) -> W4A16Linear:
+    """A W4A16 layer from the quantizer, with the LoRA term ``loaders/lora.py`` gives such a layer."""
+    g = torch.Generator().manual_seed(k + n)
+    layer = quantize_w4a16("mod", torch.randn(n, k, generator=g) * 0.02, torch.randn(n, generator=g), torch.bfloat16)
+    layer.lora_down = (torch.randn(lora_rank, k, generator=g) * 0.05).bfloat16()
+    layer.lora_up = (torch.randn(layer.wscales.shape[1], lora_rank, generator=g) * 0.05).bfloat16()
     return layer
 
 
@@ -71,7 +66,7 @@ def test_w4a4_op_is_the_layer(precision, unsigned):
 
 
 def test_w4a16_op_is_the_layer_and_the_lora_term_stays_outside():
-    layer = random_w4a16(256, 200, lora_rank=8)
+    layer = w4a16_with_lora(256, 200, lora_rank=8)
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
     args = (x, layer.qweight, layer.wscales, layer.wzeros, layer.bias, layer.out_features, layer.kernel_backend)
     torch.library.opcheck(torch.ops.svdquant.w4a16.default, args)
