@@ -228,12 +228,17 @@ def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, 
     return _Plan(device, family, packed, workspace, keep)
 
 
+_TENSORS = ("qweight", "wscales", "wzeros", "smooth_factor", "proj_down", "proj_up", "bias", "wcscales", "wtscale")
+
+
 def _plan_key(layer: torch.nn.Module, x: torch.Tensor, *shape: int) -> tuple:
     """Everything a plan depends on: the input's shape, dtype and device, the layer's kind, and its weights'
-    addresses and layout (every buffer's shape follows from qweight's, the rank and the kind)."""
-    return (*shape, x.dtype, x.device.index, type(layer), layer.kernel_backend, layer.out_features,
+    addresses and layout (every tensor's shape follows from qweight's, the rank and the kind). ``layer`` is
+    a module or a custom op's view of one (svdquant/torch_ops.py)."""
+    return (*shape, x.dtype, x.device.index, layer.kernel_backend, layer.out_features,
             getattr(layer, "precision", None), getattr(layer, "act_unsigned", False), getattr(layer, "rank", 0),
-            layer.qweight.shape, *[t.data_ptr() for t in layer._buffers.values() if t is not None])
+            layer.qweight.shape, *[None if t is None else t.data_ptr() for t in
+                                   (getattr(layer, name, None) for name in _TENSORS)])
 
 
 def _cached(key: tuple, make) -> _Plan | str:

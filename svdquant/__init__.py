@@ -3,6 +3,7 @@
 Needs only torch and safetensors: no ComfyUI, no GPU, no compiler.
 """
 
+from . import torch_ops  # noqa: F401  (registers torch.ops.svdquant.*, which the layers call under torch.compile)
 from .errors import CalibrationError, CheckpointError, ConfigError, SVDQuantError
 from .layers import ConcatLinear, SplitInputLinear, W4A4Linear, W4A16Linear
 

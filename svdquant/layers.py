@@ -3,7 +3,8 @@
 A layer's buffers are exactly the tensors of one layer in the file (python-style names, padded
 shapes), so loading is a copy and saving is a read. ``forward`` asks :mod:`svdquant.dispatch` for a
 fused kernel and otherwise runs the reference path below, which is the definition of what every
-kernel computes and the fallback on CPUs and unsupported GPUs.
+kernel computes and the fallback on CPUs and unsupported GPUs. Under ``torch.compile`` the same choice
+runs inside one custom op per layer (:mod:`.torch_ops`).
 
 W4A4, for x of shape (M, K) and the padded sizes Kp, Np:
     codes, ascales = quantize_activations(x / smooth)            # + GELU shift when act_unsigned
@@ -22,27 +23,34 @@ from .errors import ConfigError
 
 PRECISIONS = ("int4", "nvfp4")
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+# The floating-point tensors a layer may hold, by attribute name (modules and the custom ops' views alike).
+FLOAT_TENSORS = ("wscales", "wzeros", "smooth_factor", "smooth_factor_orig", "proj_down", "proj_up", "bias",
+                 "wcscales", "wtscale", "lora_down", "lora_up")
 FP32_TENSORS = ("wtscale",)  # NVFP4's per-tensor scale: one value, kept exact whatever the file stored
+
+
+def _off_rule(layer: object, dtype: torch.dtype):
+    """(name, tensor, the dtype the rule wants) for each tensor of ``layer`` outside the rule."""
+    for name in FLOAT_TENSORS:
+        value = getattr(layer, name, None)
+        want = torch.float32 if name in FP32_TENSORS else dtype
+        if value is not None and value.dtype in (*SIXTEEN_BIT, torch.float32) and value.dtype != want:
+            yield name, value, want
 
 
 def to_compute_dtype(layer: nn.Module, dtype: torch.dtype) -> None:
     """The one dtype rule of every tensor a fused kernel reads, for INT4 and NVFP4 whatever the file
     stores: 16-bit tensors (scales, smoothing, branch, bias) in the compute ``dtype``, the NVFP4
     per-tensor scale in float32; packed codes and FP8 scales as they are."""
-    for name, value in list(layer.named_buffers(recurse=False)):
-        want = torch.float32 if name in FP32_TENSORS else dtype
-        if value.dtype in (*SIXTEEN_BIT, torch.float32) and value.dtype != want:
-            setattr(layer, name, value.to(want))
+    for name, value, want in list(_off_rule(layer, dtype)):
+        setattr(layer, name, value.to(want))
 
 
-def compute_dtype_problem(layer: nn.Module) -> str | None:
+def compute_dtype_problem(layer: object) -> str | None:
     """Which tensor of ``layer`` breaks :func:`to_compute_dtype`'s rule (so no kernel can read it as it
     is), or None."""
-    dtype = layer.compute_dtype
-    for name, value in layer.named_buffers(recurse=False):
-        want = torch.float32 if name in FP32_TENSORS else dtype
-        if value.dtype in (*SIXTEEN_BIT, torch.float32) and value.dtype != want:
-            return f"its {name} is {str(value.dtype).removeprefix('torch.')}, not {str(want).removeprefix('torch.')}"
+    for name, value, want in _off_rule(layer, layer.compute_dtype):
+        return f"its {name} is {str(value.dtype).removeprefix('torch.')}, not {str(want).removeprefix('torch.')}"
     return None
 
 
@@ -52,7 +60,65 @@ def check_rank(rank: int, where: str = "rank") -> int:
     return rank
 
 
-class W4A4Linear(nn.Module):
+class W4A4Reference:
+    """The reference path of a W4A4 layer, over the attributes :class:`W4A4Linear` holds (its buffers,
+    ``precision``, ``act_unsigned``, ``out_features``): the module runs it, and so does the custom op
+    (:mod:`.torch_ops`) on the tensors it is handed."""
+
+    __slots__ = ()
+
+    @property
+    def rank(self) -> int:
+        return self.proj_down.shape[1]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.smooth_factor.dtype
+
+    def weight_codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unpacked residual codes (Np, Kp) and the fp32 scales (Np, Kp/group) they multiply."""
+        signed = self.precision == "int4"
+        codes = packing.unpack_qweight(self.qweight, signed=signed)
+        if signed:
+            return codes, packing.unpack_scales(self.wscales).float()
+        scales = nvfp4.effective_weight_scales(
+            packing.unpack_fp8_scales(self.wscales), packing.unpack_vector(self.wcscales), self.wtscale
+        )
+        return codes, scales
+
+    def residual(self) -> torch.Tensor:
+        """fp32 (Np, Kp): the dequantized 4-bit residual, in the smoothed input space."""
+        codes, scales = self.weight_codes_and_scales()
+        if self.precision == "int4":
+            return int4.dequantize_weight(codes, scales)
+        return nvfp4.dequantize_weight(codes, scales)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 (M, Kp): what the 4-bit GEMM sees of a padded input."""
+        smooth = packing.unpack_vector(self.smooth_factor)
+        if self.precision == "int4":
+            return int4.dequantize_activations(*int4.quantize_activations(x, smooth, self.act_unsigned))
+        return nvfp4.dequantize_activations(*nvfp4.quantize_activations(x, smooth))
+
+    def branch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unpacked (down (R, Kp), up (Np, R)) in their stored 16-bit dtype."""
+        return packing.unpack_down(self.proj_down), packing.unpack_up(self.proj_up)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, in_features) → (M, out_features), in x's dtype."""
+        kp = self.qweight.shape[1] * 2
+        xp = packing.pad_to(x, (x.shape[0], kp))
+        y = self.quantized_input(xp) @ self.residual().T
+        if self.rank:
+            down, up = self.branch_factors()
+            lora_act = (xp.to(down.dtype).float() @ down.float().T).to(up.dtype)
+            y += lora_act.float() @ up.float().T
+        if self.bias is not None:
+            y += packing.unpack_vector(self.bias).float()
+        return y[:, : self.out_features].to(x.dtype)
+
+
+class W4A4Linear(W4A4Reference, nn.Module):
     """SVDQuant W4A4 linear: 4-bit residual, 4-bit activations, 16-bit low-rank branch."""
 
     def __init__(
@@ -99,17 +165,16 @@ class W4A4Linear(nn.Module):
             buffer("wcscales", (np_,), dtype)
             buffer("wtscale", (1,), torch.float32)
 
-    @property
-    def rank(self) -> int:
-        return self.proj_down.shape[1]
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.smooth_factor.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = dispatch.w4a4(self, x.reshape(-1, x.shape[-1]))
+        x = x.reshape(-1, x.shape[-1])
+        if torch.compiler.is_compiling():  # one opaque op to the compiler (svdquant/torch_ops.py)
+            y = torch.ops.svdquant.w4a4(x, self.qweight, self.wscales, self.smooth_factor, self.proj_down,
+                                        self.proj_up, self.bias, getattr(self, "wcscales", None),
+                                        getattr(self, "wtscale", None), self.precision, self.act_unsigned,
+                                        self.out_features, self.kernel_backend, self.name)
+        else:
+            y = dispatch.w4a4(self, x)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -117,50 +182,6 @@ class W4A4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"precision={self.precision}, act_unsigned={self.act_unsigned}"
         )
-
-    # -- the reference path ---------------------------------------------------------------------
-
-    def weight_codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unpacked residual codes (Np, Kp) and the fp32 scales (Np, Kp/group) they multiply."""
-        signed = self.precision == "int4"
-        codes = packing.unpack_qweight(self.qweight, signed=signed)
-        if signed:
-            return codes, packing.unpack_scales(self.wscales).float()
-        scales = nvfp4.effective_weight_scales(
-            packing.unpack_fp8_scales(self.wscales), packing.unpack_vector(self.wcscales), self.wtscale
-        )
-        return codes, scales
-
-    def residual(self) -> torch.Tensor:
-        """fp32 (Np, Kp): the dequantized 4-bit residual, in the smoothed input space."""
-        codes, scales = self.weight_codes_and_scales()
-        if self.precision == "int4":
-            return int4.dequantize_weight(codes, scales)
-        return nvfp4.dequantize_weight(codes, scales)
-
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 (M, Kp): what the 4-bit GEMM sees of a padded input."""
-        smooth = packing.unpack_vector(self.smooth_factor)
-        if self.precision == "int4":
-            return int4.dequantize_activations(*int4.quantize_activations(x, smooth, self.act_unsigned))
-        return nvfp4.dequantize_activations(*nvfp4.quantize_activations(x, smooth))
-
-    def branch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unpacked (down (R, Kp), up (Np, R)) in their stored 16-bit dtype."""
-        return packing.unpack_down(self.proj_down), packing.unpack_up(self.proj_up)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, in_features) → (M, out_features), in x's dtype."""
-        kp = self.qweight.shape[1] * 2
-        xp = packing.pad_to(x, (x.shape[0], kp))
-        y = self.quantized_input(xp) @ self.residual().T
-        if self.rank:
-            down, up = self.branch_factors()
-            lora_act = (xp.to(down.dtype).float() @ down.float().T).to(up.dtype)
-            y += lora_act.float() @ up.float().T
-        if self.bias is not None:
-            y += packing.unpack_vector(self.bias).float()
-        return y[:, : self.out_features].to(x.dtype)
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fp32 (weight (N, K), bias (N,)) of the dense layer this one stands for (no activation
@@ -180,7 +201,30 @@ class W4A4Linear(nn.Module):
         return weight[:n, :k].contiguous(), None if bias is None else bias[:n].contiguous()
 
 
-class W4A16Linear(nn.Module):
+class W4A16Reference:
+    """The reference path of a W4A16 layer, over the attributes :class:`W4A16Linear` holds (see
+    :class:`W4A4Reference`)."""
+
+    __slots__ = ()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.wscales.dtype
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 (Np, Kp)."""
+        codes = packing.unpack_awq_qweight(self.qweight)
+        return w4a16.dequantize_weight(codes, self.wscales.T, self.wzeros.T)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        kp = self.qweight.shape[1] * 2
+        y = packing.pad_to(x, (x.shape[0], kp)).float() @ self.dequantized_weight().T
+        if self.bias is not None:
+            y += self.bias.float()
+        return y[:, : self.out_features].to(x.dtype)
+
+
+class W4A16Linear(W4A16Reference, nn.Module):
     """4-bit weights with a zero point, 16-bit activations (AdaLN modulation layers)."""
 
     def __init__(
@@ -210,32 +254,20 @@ class W4A16Linear(nn.Module):
         self.register_buffer("lora_down", None)
         self.register_buffer("lora_up", None)
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.wscales.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        y = dispatch.w4a16(self, x2)
+        if torch.compiler.is_compiling():  # see W4A4Linear.forward
+            y = torch.ops.svdquant.w4a16(x2, self.qweight, self.wscales, self.wzeros, self.bias, self.out_features,
+                                         self.kernel_backend, self.name)
+        else:
+            y = dispatch.w4a16(self, x2)
         if self.lora_down is not None:
             y = y + ((x2.to(self.lora_down.dtype) @ self.lora_down.T) @ self.lora_up[: self.out_features].T).to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """fp32 (Np, Kp)."""
-        codes = packing.unpack_awq_qweight(self.qweight)
-        return w4a16.dequantize_weight(codes, self.wscales.T, self.wzeros.T)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        kp = self.qweight.shape[1] * 2
-        y = packing.pad_to(x, (x.shape[0], kp)).float() @ self.dequantized_weight().T
-        if self.bias is not None:
-            y += self.bias.float()
-        return y[:, : self.out_features].to(x.dtype)
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         n, k = self.out_features, self.in_features
