@@ -47,8 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-import kernel_speed  # noqa: E402  (random packed layers on the device; imports the pack)
-from tiny_models import TINY_FLUX, TINY_SDXL, flux_shapes, sdxl_shapes  # noqa: E402
+import kernel_speed  # noqa: E402, I001  (random packed layers on the device; imports the pack)
+from tiny_models import TINY_FLUX, TINY_SDXL, flux_shapes, sdxl_shapes  # noqa: E402, I001
 
 PACK = kernel_speed.pack.__name__
 
@@ -283,14 +283,16 @@ def quantized_layer_ms(model, fn, cuda: bool) -> float:
     return total[0] * 1e3
 
 
-def peak_gb(fn, cuda: bool) -> str:
+def peak_gb(fn, cuda: bool, baseline: int) -> str:
+    """Peak GPU memory during one ``fn()`` above ``baseline`` (what was allocated before the model was built:
+    the kernels' plan cache keeps earlier models' layers alive, which are not this row's)."""
     if not cuda:
         return "n/a on CPU"
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return f"{torch.cuda.max_memory_allocated() / 1e9:.2f}"
+    return f"{(torch.cuda.max_memory_allocated() - baseline) / 1e9:.2f}"
 
 
 def image_seconds(case: Case, model, patcher_class, device: torch.device, steps: int, cuda: bool) -> float:
@@ -310,10 +312,11 @@ def image_seconds(case: Case, model, patcher_class, device: torch.device, steps:
     x = torch.zeros(1, *case.latent)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     begin = time.perf_counter()
-    samples = comfy.sample.sample(patcher, noise, steps, case.cfg, "euler", case.scheduler, positive, negative,
-                                  x, disable_pbar=True, seed=1)
-    if cuda:
-        torch.cuda.synchronize()
+    with torch.inference_mode():  # as ComfyUI runs its nodes
+        samples = comfy.sample.sample(patcher, noise, steps, case.cfg, "euler", case.scheduler, positive, negative,
+                                      x, disable_pbar=True, seed=1)
+        if cuda:
+            torch.cuda.synchronize()
     seconds = time.perf_counter() - begin
     if not torch.isfinite(samples).all():
         raise RuntimeError(f"{case.name}: the sampled latent is not finite")
@@ -353,37 +356,44 @@ def build(case: Case, key: str, variant: str, args, device: torch.device):
     return model, pack_module("loaders.patcher").SVDQuantModelPatcher, f"{summary}, rank {args.rank}, {args.dtype}"
 
 
+def measure(case: Case, key: str, variant: str, model, patcher_class, how: str, args, device: torch.device,
+            baseline: int) -> str:
+    cuda = device.type == "cuda"
+    x, sigma, extra = inputs(case, model, device, case.batch)
+    reference = variant.endswith("reference")
+    iters = args.reference_iters if reference else args.iters
+    with torch.inference_mode():
+        def step():
+            return model.apply_model(x, sigma, **extra)
+
+        ms, host = timed(step, iters, min(args.warmup, iters), cuda)
+        layers = f"{quantized_layer_ms(model, step, cuda):.1f}" if variant.startswith("SVDQuant") else "–"
+        peak = peak_gb(step, cuda, baseline)
+    image = "–"
+    if args.image in ("all", key):
+        if reference and not args.tiny and not args.image_reference:
+            image = "skipped (--image-reference)"
+        else:
+            image = f"{image_seconds(case, model, patcher_class, device, args.steps, cuda):.2f}"
+    return (f"| {case.name} | {variant} | {how} | {ms:.2f} | {iters} | {host:.2f} | {layers} | {peak} "
+            f"| {weight_bytes(model.diffusion_model) / 1e6:.1f} | {image} |")
+
+
 def row(case: Case, key: str, variant: str, args, device: torch.device) -> str:
+    """The table row of one variant: the model is built, measured and freed (one model on the GPU at a time)."""
     import comfy.model_management
 
-    cuda = device.type == "cuda"
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     model, patcher_class, how = build(case, key, variant, args, device)
     if model is None:
         return f"| {case.name} | {variant} | {how} |" + " |" * 7
     try:
-        x, sigma, extra = inputs(case, model, device, case.batch)
-        with torch.inference_mode():
-            def step():
-                return model.apply_model(x, sigma, **extra)
-
-            reference = variant.endswith("reference")
-            iters = args.reference_iters if reference else args.iters
-            ms, host = timed(step, iters, min(args.warmup, iters), cuda)
-            layers = f"{quantized_layer_ms(model, step, cuda):.1f}" if variant.startswith("SVDQuant") else "–"
-            peak = peak_gb(step, cuda)
-        image = "–"
-        if args.image == "all" or args.image == key:
-            if reference and not args.tiny and not args.image_reference:
-                image = "skipped (--image-reference)"
-            else:
-                image = f"{image_seconds(case, model, patcher_class, device, args.steps, cuda):.2f}"
-        return (f"| {case.name} | {variant} | {how} | {ms:.2f} | {iters} | {host:.2f} | {layers} | {peak} "
-                f"| {weight_bytes(model.diffusion_model) / 1e6:.1f} | {image} |")
+        return measure(case, key, variant, model, patcher_class, how, args, device, baseline)
     finally:
         del model
         comfy.model_management.unload_all_models()
         gc.collect()
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
@@ -437,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nOne step = one BaseModel.apply_model call (what the sampler calls per step) at batch "
           f"{', '.join(f'{cases(args.tiny)[k].name} {cases(args.tiny)[k].batch}' for k in args.models)}; "
           f"ms per step: median of n after {args.warmup} warm-up calls ({'CUDA events' if cuda else 'wall clock'}). "
+          "Peak GPU GB: the most allocated during one step, model included. "
           "Host ms: until the call returned, kernels queued but not finished. CPU ms in SVDQuant layers: inside "
           "the quantized layers' calls in one step, including waits for room in the launch queue. image s: "
           f"one {args.steps}-step image through comfy.sample.sample (euler), wall clock. Random weights.")
