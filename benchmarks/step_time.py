@@ -135,7 +135,6 @@ def model_config(case: Case, key: str):
     return detection.model_config(architecture(key), shapes, hint=case.config if key == "flux" else None)
 
 
-@torch.no_grad()
 def randomize(module: torch.nn.Module) -> None:
     """Random weights of a trained model's scale, generated where each parameter lives (no host copy of a
     GPU model); norm weights 1. Packed SVDQuant weights (views of their layers) are left alone."""
@@ -312,11 +311,10 @@ def image_seconds(case: Case, model, patcher_class, device: torch.device, steps:
     x = torch.zeros(1, *case.latent)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     begin = time.perf_counter()
-    with torch.inference_mode():  # as ComfyUI runs its nodes
-        samples = comfy.sample.sample(patcher, noise, steps, case.cfg, "euler", case.scheduler, positive, negative,
-                                      x, disable_pbar=True, seed=1)
-        if cuda:
-            torch.cuda.synchronize()
+    samples = comfy.sample.sample(patcher, noise, steps, case.cfg, "euler", case.scheduler, positive, negative,
+                                  x, disable_pbar=True, seed=1)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - begin
     if not torch.isfinite(samples).all():
         raise RuntimeError(f"{case.name}: the sampled latent is not finite")
@@ -362,13 +360,13 @@ def measure(case: Case, key: str, variant: str, model, patcher_class, how: str, 
     x, sigma, extra = inputs(case, model, device, case.batch)
     reference = variant.endswith("reference")
     iters = args.reference_iters if reference else args.iters
-    with torch.inference_mode():
-        def step():
-            return model.apply_model(x, sigma, **extra)
 
-        ms, host = timed(step, iters, min(args.warmup, iters), cuda)
-        layers = f"{quantized_layer_ms(model, step, cuda):.1f}" if variant.startswith("SVDQuant") else "–"
-        peak = peak_gb(step, cuda, baseline)
+    def step():
+        return model.apply_model(x, sigma, **extra)
+
+    ms, host = timed(step, iters, min(args.warmup, iters), cuda)
+    layers = f"{quantized_layer_ms(model, step, cuda):.1f}" if variant.startswith("SVDQuant") else "–"
+    peak = peak_gb(step, cuda, baseline)
     image = "–"
     if args.image in ("all", key):
         if reference and not args.tiny and not args.image_reference:
@@ -443,7 +441,8 @@ def main(argv: list[str] | None = None) -> None:
     for key in args.models:
         case = cases(args.tiny)[key]
         for variant in args.variants:
-            print(row(case, key, variant, args, device), flush=True)
+            with torch.inference_mode():  # as ComfyUI's executor runs a prompt: models built and sampled in it
+                print(row(case, key, variant, args, device), flush=True)
     print(f"\nOne step = one BaseModel.apply_model call (what the sampler calls per step) at batch "
           f"{', '.join(f'{cases(args.tiny)[k].name} {cases(args.tiny)[k].batch}' for k in args.models)}; "
           f"ms per step: median of n after {args.warmup} warm-up calls ({'CUDA events' if cuda else 'wall clock'}). "
