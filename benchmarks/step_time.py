@@ -23,6 +23,7 @@ file's metadata) are not built here.
     python benchmarks/step_time.py                          # FLUX.1 and SDXL at 1024², every row
     python benchmarks/step_time.py --image flux --reference-iters 2
     python benchmarks/step_time.py --tiny                   # CPU: tiny models, 16-bit and reference rows
+    python benchmarks/step_time.py --weights-only           # any machine: the full-size models' weight sizes
 
 Needs ComfyUI: COMFYUI_PATH, or this repository inside ComfyUI/custom_nodes.
 """
@@ -326,22 +327,26 @@ def build(case: Case, key: str, variant: str, args, device: torch.device):
     import comfy.model_management
     import comfy.model_patcher
 
-    cuda = device.type == "cuda"
+    cuda, meta = device.type == "cuda", device.type == "meta"  # meta: --weights-only
     dtype = getattr(torch, args.dtype)
     if variant.startswith("FP8"):
-        if not cuda:
-            return None, None, "n/a on CPU"
         fast = variant.endswith("fast")
+        if meta and fast:
+            return None, None, "n/a with --weights-only (the weights of the FP8 e4m3fn row)"
+        if not cuda and not meta:
+            return None, None, "n/a on CPU"
         if fast and not comfy.model_management.supports_fp8_compute(device):
             return None, None, "n/a: ComfyUI's supports_fp8_compute is False on this GPU"
         model = dense_model(case, key, torch.float8_e4m3fn, fast, device)
-        return model, comfy.model_patcher.ModelPatcher, f"comfy.ops.{operations_of(model)}, compute " \
-            f"{str(model.manual_cast_dtype).removeprefix('torch.')}"
+        compute = "" if meta else f", compute {str(model.manual_cast_dtype).removeprefix('torch.')}"
+        return model, comfy.model_patcher.ModelPatcher, f"comfy.ops.{operations_of(model)}{compute}"
     if variant == "16-bit":
         model = dense_model(case, key, dtype, False, device)
         return model, comfy.model_patcher.ModelPatcher, f"comfy.ops.{operations_of(model)}, {args.dtype}"
     backend = "cuda" if variant.endswith("fused") else "torch"
     if backend == "cuda":
+        if meta:
+            return None, None, "n/a with --weights-only (the weights of the reference row)"
         if not cuda:
             return None, None, "n/a on CPU"
         try:
@@ -349,8 +354,11 @@ def build(case: Case, key: str, variant: str, args, device: torch.device):
         except pack_module("svdquant.errors").SVDQuantError as exc:
             return None, None, f"n/a: {exc}"
     model = svdquant_model(case, key, dtype, args.rank, backend, device)
-    leaves = pack_module("loaders.parts").quantized_modules(model.diffusion_model)
-    summary = pack_module("kernels.backend").path_summary(leaves, device)
+    if meta:
+        summary = f"{len(pack_module('loaders.ops').quantized_ops(model.diffusion_model))} quantized Linears"
+    else:
+        leaves = pack_module("loaders.parts").quantized_modules(model.diffusion_model)
+        summary = pack_module("kernels.backend").path_summary(leaves, device)
     return model, pack_module("loaders.patcher").SVDQuantModelPatcher, f"{summary}, rank {args.rank}, {args.dtype}"
 
 
@@ -385,6 +393,9 @@ def row(case: Case, key: str, variant: str, args, device: torch.device) -> str:
     model, patcher_class, how = build(case, key, variant, args, device)
     if model is None:
         return f"| {case.name} | {variant} | {how} |" + " |" * 7
+    if device.type == "meta":
+        megabytes = weight_bytes(model.diffusion_model) / 1e6
+        return f"| {case.name} | {variant} | {how} |" + " |" * 5 + f" {megabytes:.1f} | |"
     try:
         return measure(case, key, variant, model, patcher_class, how, args, device, baseline)
     finally:
@@ -408,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small models (width 128, 1+1 blocks, 16² latent) "
                         "that run on the CPU")
+    parser.add_argument("--weights-only", action="store_true", help="build the models on the meta device (no "
+                        "memory, no GPU) and print only their weights: the full-size models' sizes on any machine")
     parser.add_argument("--models", nargs="+", choices=["flux", "sdxl"], default=["flux", "sdxl"])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
@@ -425,7 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     comfyui = setup_comfyui()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if cuda:
+    if args.weights_only:
+        cuda, device, where = False, torch.device("meta"), "weights only (meta device)"
+    elif cuda:
         props = torch.cuda.get_device_properties(device)
         where = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
     else:

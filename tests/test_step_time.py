@@ -62,3 +62,25 @@ def test_tiny_step_table(comfy):
     # The packed model is smaller than the 16-bit one wherever its layers hold most of the weights (FLUX).
     flux = {v: float(rows[("FLUX (tiny)", v)][6]) for v in ("16-bit", "SVDQuant INT4 reference")}
     assert flux["SVDQuant INT4 reference"] < flux["16-bit"], flux
+
+
+def test_full_size_weights(comfy):
+    """--weights-only builds FLUX.1-dev and SDXL at full size on the meta device: ComfyUI's detection picks its
+    own classes for them, the pack quantizes every transformer Linear, and the sizes are those of the models."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--weights-only"],
+                         capture_output=True, text=True, timeout=900, check=False,
+                         env=dict(os.environ, COMFYUI_PATH=str(comfy)))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    rows = table_rows(out.stdout)
+    megabytes = {key: float(cells[6]) for key, cells in rows.items() if cells[6]}
+    assert set(megabytes) == {(m, v) for m in ("FLUX.1-dev", "SDXL") for v in ("16-bit", "FP8 e4m3fn",
+                                                                                "SVDQuant INT4 reference")}
+    assert 23_700 < megabytes[("FLUX.1-dev", "16-bit")] < 23_900  # 11.9 B parameters
+    assert 5_100 < megabytes[("SDXL", "16-bit")] < 5_200  # 2.57 B parameters
+    for model in ("FLUX.1-dev", "SDXL"):
+        sixteen = megabytes[(model, "16-bit")]
+        assert abs(megabytes[(model, "FP8 e4m3fn")] - sixteen / 2) < 0.2, megabytes
+    # FLUX: 10 quantized Linears per double block, 3 per single block; SDXL: 8 per transformer block, 70 blocks.
+    assert rows[("FLUX.1-dev", "SVDQuant INT4 reference")][0].startswith(f"{19 * 10 + 38 * 3} quantized Linears")
+    assert rows[("SDXL", "SVDQuant INT4 reference")][0].startswith(f"{70 * 8} quantized Linears")
+    assert megabytes[("FLUX.1-dev", "SVDQuant INT4 reference")] < megabytes[("FLUX.1-dev", "16-bit")] / 3
