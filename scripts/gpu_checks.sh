@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs an NVIDIA GPU, in one run: the kernel correctness tests, the same kernels under
 # compute-sanitizer (memcheck with torch's caching allocator off, so every buffer is its own allocation;
-# racecheck on one layer), and the kernel benchmark tables. Logs and tables go to ${OUT:-out/gpu}.
+# racecheck on one layer), the kernel benchmark tables and, with COMFYUI_PATH set, the model step-time table.
+# Logs and tables go to ${OUT:-out/gpu}.
 #
 #     scripts/gpu_checks.sh            # uses python3; PYTHON=... to choose another interpreter
 set -uo pipefail
@@ -30,6 +31,14 @@ timeout 60 "$PY" benchmarks/kernel_speed.py --shapes flux --tokens 512 --iters 2
 
 step "benchmark: INT4 fp16, FLUX.1 shapes"
 timeout 60 "$PY" benchmarks/kernel_speed.py --shapes flux --dtype float16 --iters 20 2>&1 | tee "$OUT/kernels-int4-fp16.md"
+
+step "benchmark: step time, FLUX.1 and SDXL at 1024² (16-bit, FP8, SVDQuant INT4), one 20-step image each"
+# Needs ComfyUI (COMFYUI_PATH) and its Python packages; the reference rows time 2 steps and sample no image.
+if [ -n "${COMFYUI_PATH:-}" ]; then
+    timeout 150 "$PY" benchmarks/step_time.py --reference-iters 2 2>&1 | tee "$OUT/step-time.md"
+else
+    echo "skipped: set COMFYUI_PATH to a ComfyUI checkout to run benchmarks/step_time.py" | tee "$OUT/step-time.md"
+fi
 
 step "compute-sanitizer memcheck"
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
