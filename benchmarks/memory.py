@@ -34,13 +34,10 @@ PACKAGE = "comfyui_svdquant"
 
 def setup_comfyui() -> None:
     """Import ComfyUI (CPU) and this repository as the package ``comfyui_svdquant``, as the tests do."""
+    from quantize_common import comfyui_root  # beside this file; imports torch, so not at the top
+
     sys.path.insert(0, str(ROOT / "tests"))
-    candidates = [os.environ.get("COMFYUI_PATH"), str(ROOT.parent.parent)]
-    root = next((c for c in candidates if c and (Path(c) / "comfy" / "model_management.py").exists()), None)
-    if root is None:
-        sys.exit("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (or put this repository in "
-                 "ComfyUI/custom_nodes) and run this with ComfyUI's Python")
-    sys.path.insert(0, root)
+    sys.path.insert(0, comfyui_root())
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True

@@ -20,12 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "comfyui_svdquant"
 
 
+def comfyui_root() -> str:
+    """ComfyUI's folder: $COMFYUI_PATH, else the ComfyUI this repository is installed in (custom_nodes)."""
+    candidates = [os.environ.get("COMFYUI_PATH"), str(ROOT.parent.parent)]
+    root = next((c for c in candidates if c and (Path(c) / "comfy" / "model_management.py").exists()), None)
+    if root is None:
+        sys.exit("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (or put this repository in "
+                 "ComfyUI/custom_nodes) and run this with ComfyUI's Python")
+    return root
+
+
 def setup(cpu: bool = False) -> None:
-    """Import ComfyUI (from $COMFYUI_PATH) and this pack (as the package ``comfyui_svdquant``)."""
-    comfyui = os.environ.get("COMFYUI_PATH")
-    if not comfyui or not (Path(comfyui) / "comfy" / "model_management.py").exists():
-        sys.exit("set COMFYUI_PATH to a ComfyUI folder")
-    sys.path.insert(0, comfyui)
+    """Import ComfyUI and this pack (as the package ``comfyui_svdquant``)."""
+    sys.path.insert(0, comfyui_root())
     sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: ComfyUI's own classes at small widths
     import comfy.cli_args
 

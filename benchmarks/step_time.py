@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 import kernel_speed  # noqa: E402, I001  (random packed layers on the device; imports the pack)
+from quantize_common import comfyui_root  # noqa: E402, I001
 from tiny_models import TINY_FLUX, TINY_SDXL, flux_shapes, sdxl_shapes  # noqa: E402, I001
 
 PACK = kernel_speed.pack.__name__
@@ -97,12 +98,7 @@ VARIANTS = ["16-bit", "FP8 e4m3fn", "FP8 e4m3fn_fast", "SVDQuant INT4 fused", "S
 
 def setup_comfyui() -> str:
     """Import ComfyUI, on the GPU when there is one; its version."""
-    candidates = [os.environ.get("COMFYUI_PATH"), str(ROOT.parent.parent)]
-    root = next((c for c in candidates if c and (Path(c) / "comfy" / "model_management.py").exists()), None)
-    if root is None:
-        sys.exit("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (or put this repository in "
-                 "ComfyUI/custom_nodes) and run this with ComfyUI's Python")
-    sys.path.insert(0, root)
+    sys.path.insert(0, comfyui_root())
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
