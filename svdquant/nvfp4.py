@@ -62,9 +62,10 @@ def _divide_or_zero(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def weight_scales(
-    weight: torch.Tensor, channel_dtype: torch.dtype
+    weight: torch.Tensor, channel_dtype: torch.dtype, clip: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fp8 group scales (N, K/16), wcscales (N,) and wtscale [1], both in ``channel_dtype``)."""
+    """(fp8 group scales (N, K/16), wcscales (N,) and wtscale [1], both in ``channel_dtype``); each group's
+    absmax is first multiplied by ``clip`` (N, K/16) when given."""
     w = weight.float()
     rowmax = w.abs().amax(dim=1)
     tensor_max = rowmax.max()
@@ -75,6 +76,8 @@ def weight_scales(
     wcscales = torch.where(rowmax > 0, rowmax / tensor_max, torch.ones_like(rowmax)).to(channel_dtype)
     row_scale = wcscales.float() * wtscale.float()
     group_absmax = _grouped(w, GROUP).abs().amax(dim=-1)
+    if clip is not None:
+        group_absmax = group_absmax * clip
     group_scales = to_fp8(group_absmax / E2M1_MAX / row_scale.unsqueeze(1))
     return group_scales, wcscales, wtscale
 

@@ -7,6 +7,7 @@ import torch
 
 from comfyui_svdquant.svdquant.errors import CalibrationError, ConfigError
 from comfyui_svdquant.svdquant.quantizer import InputStats, QuantizeConfig, quantize_linears, record_inputs
+from comfyui_svdquant.svdquant.quantizer.formats import residual_format, searched_scales
 
 
 def outlier_layer(k=256, n=384, seed=0, rows=1024):
@@ -48,6 +49,16 @@ def test_error_ordering_int4_and_nvfp4():
         assert errors["lowrank"] < errors["rtn"] and errors["smooth"] < errors["rtn"], errors
 
 
+def correlated_layer(k=128, n=192, seed=4, rows=1024):
+    """Inputs whose channels are correlated (mixed from fewer sources), as real activations are: the Hessian
+    is far from diagonal, which GPTQ exploits."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, k // 4, generator=g) @ torch.randn(k // 4, k, generator=g)
+         + 0.1 * torch.randn(rows, k, generator=g))
+    w = torch.randn(n, k, generator=g) / k**0.5
+    return x.bfloat16(), w, torch.randn(n, generator=g) * 0.1
+
+
 def test_gptq_is_kept_only_when_it_helps():
     x, w, b = outlier_layer(seed=1)
     stats = stats_of(x, hessian=True)
@@ -56,14 +67,70 @@ def test_gptq_is_kept_only_when_it_helps():
     assert gptq.error <= rtn.error
 
 
+def test_gptq_runs_when_the_calibration_is_only_the_sampled_rows(caplog):
+    # 512 calibration rows, all of them in the 512-row sample: half are held out to check GPTQ, the other
+    # half (more than the 128 input channels) make its Hessian
+    x, w, b = correlated_layer()
+    stats = stats_of(x[:512], hessian=True)
+    with caplog.at_level("INFO"):
+        (rtn,) = quantize_linears([("layer", w, b)], stats, QuantizeConfig())
+        (gptq,) = quantize_linears([("layer", w, b)], stats, QuantizeConfig(gptq=True))
+    assert gptq.gptq, caplog.text
+    assert "layer: GPTQ's Hessian sums 256 calibration rows; 256 sampled rows are held out" in caplog.text
+    held_out, ref = x[512:], x[512:].float() @ w.T + b
+    error = {name: float((q.module()(held_out).float() - ref).square().sum() / ref.square().sum())
+             for name, q in (("rtn", rtn), ("gptq", gptq))}
+    assert error["gptq"] < 0.9 * error["rtn"], error
+
+
 def test_gptq_needs_more_rows_than_input_channels(caplog):
-    x, w, b = outlier_layer(seed=1, rows=700)  # 512 sampled, 188 in the Hessian for 256 channels
+    x, w, b = outlier_layer(seed=1, rows=300)  # 256 channels for the Hessian leave 44 to check it on
     stats = stats_of(x, hessian=True)
     (rtn,) = quantize_linears([("layer", w, b)], stats, QuantizeConfig())
     with caplog.at_level("INFO"):
         (gptq,) = quantize_linears([("layer", w, b)], stats, QuantizeConfig(gptq=True))
     assert not gptq.gptq and torch.equal(gptq.tensors["qweight"], rtn.tensors["qweight"])
-    assert "layer: GPTQ skipped (round-to-nearest kept): 188 calibration rows" in caplog.text
+    assert ("layer: GPTQ skipped (round-to-nearest kept): 300 calibration rows, fewer than the layer's 256 input "
+            "channels for the Hessian plus 64 held out") in caplog.text
+
+
+def test_low_rank_fit_runs_until_it_stops_improving():
+    x, w, b = outlier_layer(seed=5)
+    stats = stats_of(x[:512])
+    config = QuantizeConfig(smooth_grid=(0.5,))
+    (converged,) = quantize_linears([("layer", w, b)], stats, config)
+    assert 2 < converged.svd_rounds < config.svd_rounds  # stopped by the rule, not the cap
+    (capped,) = quantize_linears([("layer", w, b)], stats, config.replace(svd_rounds=2))
+    (loose,) = quantize_linears([("layer", w, b)], stats, config.replace(svd_tolerance=0.5))
+    assert capped.svd_rounds == 2 and loose.svd_rounds == 2  # the first improvement is small beside 50%
+    assert converged.error < capped.error
+
+
+def test_smoothing_is_chosen_by_the_final_branch():
+    x, w, b = outlier_layer(seed=6)
+    stats = stats_of(x[:512])
+    parts = [("q", w[:128], b[:128]), ("kv", w[128:], b[128:])]
+    config = QuantizeConfig(smooth_grid=(0.2, 0.4, 0.6, 0.8))
+    first = quantize_linears(parts, stats, config.replace(finalists=1))
+    final = quantize_linears(parts, stats, config.replace(finalists=4))
+    # the finalists include the search's first choice, so scoring them with their final branch can only help
+    assert sum(q.error for q in final) <= sum(q.error for q in first)
+    with pytest.raises(ConfigError, match="finalists"):
+        QuantizeConfig(finalists=0)
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_searched_clipping_beats_absmax_scales(precision):
+    g = torch.Generator().manual_seed(7)
+    residual = torch.randn(64, 256, generator=g) * torch.exp(torch.randn(256, generator=g))
+    importance = torch.exp(torch.randn(256, generator=g))
+    fmt = residual_format(precision, torch.bfloat16)
+
+    def error(scales):
+        return float(((fmt.dequantize(fmt.codes(residual, scales), scales) - residual).square() * importance).sum())
+
+    absmax, searched = error(fmt.scales(residual)), error(searched_scales(fmt, residual, importance))
+    assert searched < 0.9 * absmax, (searched, absmax)
 
 
 def test_shared_smoothing_gives_one_smooth_factor_and_own_branches():
@@ -108,12 +175,12 @@ def test_stats_are_bounded_and_uniform():
     assert float(stats.absmax.max()) == 9.0
     values = stats.rows[:, 0]
     assert values.min() < 3 and values.max() > 6  # drawn from the whole stream, not the last batch
-    # the Hessian holds exactly the rows that are not in the sample
+    # the Hessian holds every row; the rows held out to check GPTQ come back out of it
     full, sample = torch.cat(chunks), stats.rows
-    assert stats.hessian_rows == 1000 - 64
-    torch.testing.assert_close(stats.hessian, full.T @ full - sample.T @ sample)
-    shifted, sample = full + 0.5, sample + 0.5
-    torch.testing.assert_close(stats.shifted_hessian(0.5), shifted.T @ shifted - sample.T @ sample)
+    assert stats.hessian_rows == 1000 and stats.held_out(minimum=16) == 32
+    torch.testing.assert_close(stats.hessian, full.T @ full)
+    shifted, held = full + 0.5, sample[:32] + 0.5
+    torch.testing.assert_close(stats.shifted_hessian(0.5, held_out=32), shifted.T @ shifted - held.T @ held)
     part = stats.narrow(2, 3)
     assert part.rows.shape == (64, 3) and part.hessian.shape == (3, 3)
 

@@ -1,14 +1,18 @@
 """Quantize linear layers to SVDQuant W4A4 (and the modulation layers to W4A16).
 
 The recipe, for the layers that read one input (they share λ):
-1. Smoothing: try every candidate λ and keep the one whose *layer output* error on the calibration
-   rows is lowest, with the low-rank branch and both quantizers in the loop.
+1. Smoothing: every candidate λ is scored by the *layer output* error on the calibration rows with a
+   first, approximate branch and both quantizers in the loop; the best few (``finalists``) then run
+   step 2 in full and the one with the lowest final error is kept.
 2. Low-rank branch: L = SVD_r(W·diag(λ)) in float64; then alternate L ← SVD_r(Ŵ − Q), Q ← RTN(Ŵ − L),
-   keeping the best pair by output error and stopping at the first round that does not improve.
-3. Residual: round-to-nearest, or GPTQ with the scales fixed from RTN; GPTQ's result is kept only if
-   its output error is lower on the sampled rows, which its Hessian does not contain (see
-   :mod:`.stats`), so it is never worse than RTN on inputs it was not fitted to. With fewer Hessian
-   rows than input channels the Hessian is singular and GPTQ is not tried.
+   keeping the best pair by output error, until a round improves it by less than ``svd_tolerance``.
+   RTN's scale clips each group's absmax by the ratio that rounds the group with the least error,
+   weighted by the mean square of each input channel (``search_clipping``).
+3. Residual: round-to-nearest, or GPTQ with the scales fixed from step 2. GPTQ's Hessian sums every
+   calibration row except some sampled rows held out (half the sample, fewer when the Hessian would
+   otherwise get fewer rows than input channels); its result is kept only if its output error on those
+   held-out rows is lower, so it is never worse than RTN on inputs it was not fitted to. With too few
+   rows for both, GPTQ is not tried.
 The error everywhere is ‖Y − XWᵀ‖² / ‖XWᵀ‖² on the calibration rows, Y being what the runtime
 computes (:meth:`W4A4Linear.reference_forward` is the same arithmetic).
 """
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,13 +31,16 @@ from .. import int4, packing, w4a16
 from ..errors import CalibrationError, ConfigError
 from ..layers import PRECISIONS, SIXTEEN_BIT, W4A4Linear, W4A16Linear, check_rank, to_compute_dtype
 from . import smooth as smoothing
-from .formats import ResidualScales, residual_format
+from .formats import ResidualScales, residual_format, searched_scales
 from .gptq import gptq
 from .lowrank import branch_factors
 from .stats import InputStats
 
 log = logging.getLogger(__name__)
 _few_rows_noted = False
+MIN_HELD_OUT = 64  # sampled rows GPTQ is checked on, at the least
+SEARCH_POWER_ITERATIONS = 1  # of the smoothing search's approximate first branch
+REFINE_POWER_ITERATIONS = 2  # of each later round, started from the last round's branch
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,13 @@ class QuantizeConfig:
     smooth: bool = True  # grid-search λ; False keeps λ = 1
     smooth_grid: tuple[float, ...] = smoothing.DEFAULT_GRID
     gptq: bool = False
-    svd_rounds: int = 10  # most rounds of the alternating low-rank fit (it stops earlier when stuck)
+    # The alternating low-rank fit runs until a round improves the output error by less than
+    # svd_tolerance (relative); svd_rounds only caps it, should it creep on.
+    svd_rounds: int = 100
+    svd_tolerance: float = 1e-4
     search_rows: int = 512  # calibration rows the smoothing search scores candidates on (all, by default)
+    search_clipping: bool = True  # per group, the residual's scale clips its absmax by the best of a few ratios
+    finalists: int = 3  # smoothing candidates the search passes on to be scored with their final branch
     dtype: torch.dtype = torch.bfloat16  # storage dtype of every 16-bit tensor
 
     def __post_init__(self) -> None:
@@ -54,8 +65,10 @@ class QuantizeConfig:
         check_rank(self.rank)
         if self.dtype not in SIXTEEN_BIT:
             raise ConfigError(f"dtype = {self.dtype}: checkpoints store bfloat16 or float16")
-        if self.svd_rounds < 1 or self.search_rows < 1:
-            raise ConfigError("svd_rounds and search_rows must be at least 1")
+        if self.svd_rounds < 1 or self.search_rows < 1 or self.finalists < 1:
+            raise ConfigError("svd_rounds, search_rows and finalists must be at least 1")
+        if not 0 <= self.svd_tolerance < 1:
+            raise ConfigError(f"svd_tolerance = {self.svd_tolerance}: a relative improvement in [0, 1)")
 
     def replace(self, **changes: object) -> QuantizeConfig:
         return dataclasses.replace(self, **changes)
@@ -95,9 +108,9 @@ def _note_few_rows(name: str, rows: int, channels: int) -> None:
     global _few_rows_noted
     level = logging.INFO if _few_rows_noted else logging.WARNING
     _few_rows_noted = True
-    log.log(level, "%s: GPTQ skipped (round-to-nearest kept): %d calibration rows beyond the sampled ones, fewer "
-            "than the layer's %d input channels. More prompts, steps or a larger calibration image give GPTQ "
-            "the rows it needs.", name, rows, channels)
+    log.log(level, "%s: GPTQ skipped (round-to-nearest kept): %d calibration rows, fewer than the layer's %d "
+            "input channels for the Hessian plus %d held out to check it. More prompts, steps or a larger "
+            "calibration image give GPTQ the rows it needs.", name, rows, channels, MIN_HELD_OUT)
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -159,72 +172,104 @@ class _Recipe:
         diff = self.output(rows, quantized, fit, lam) - target
         return float(diff.square().sum()) / max(float(target.square().sum()), 1e-30)
 
-    def fit_rtn(self, layer: _Layer, lam: torch.Tensor, power_iterations: int,
-                residual_from: torch.Tensor | None = None) -> _Fit:
-        """Branch from ``residual_from`` (the last round's quantized residual) or from scratch, then
-        RTN of what the branch leaves."""
+    def fit_rtn(self, layer: _Layer, lam: torch.Tensor, power_iterations: int | None,
+                previous: _Fit | None = None, importance: torch.Tensor | None = None) -> _Fit:
+        """Branch of what ``previous`` (the last round's fit) leaves besides its quantized residual, or of
+        the whole weight, then RTN of what the branch leaves: with absmax scales, or with clipping searched
+        per group when ``importance`` (the mean square of each smoothed input channel) is given."""
         smoothed = layer.weight * lam.float()
         down = up = None
         if self.config.rank:
-            source = smoothed if residual_from is None else smoothed - residual_from
+            source, start = smoothed, None
+            if previous is not None:
+                source, start = smoothed - previous.residual, previous.down
             down, up = branch_factors(source.double(), lam.double(), self.config.rank, self.config.dtype,
-                                      power_iterations)
+                                      power_iterations, start)
             smoothed = (layer.weight - up.float() @ down.float()) * lam.float()
-        scales = self.format.scales(smoothed)
+        scales = self.format.scales(smoothed) if importance is None else searched_scales(self.format, smoothed,
+                                                                                             importance)
         codes = self.format.codes(smoothed, scales)
         return _Fit(0.0, codes, scales, self.format.dequantize(codes, scales), down, up)
 
-    def search(self) -> tuple[float, float, torch.Tensor]:
-        """The smoothing candidate with the lowest summed output error on the search rows."""
+    def search(self) -> list[tuple[float, float, torch.Tensor]]:
+        """The smoothing candidates, best first by summed output error on the search rows with a first,
+        approximate branch."""
         weight_absmax = torch.stack([layer.weight.abs().amax(dim=0) for layer in self.layers]).amax(dim=0)
         pool = smoothing.candidates(self.input_absmax, weight_absmax, self.config.smooth_grid, self.config.dtype)
         if not self.config.smooth:
-            return pool[0]
+            return pool[:1]
         rows = self.rows[: self.config.search_rows]
-        best, best_error = pool[0], math.inf
-        for alpha, beta, lam in pool:
+        errors = []
+        for _alpha, _beta, lam in pool:
             quantized = self.format.fake_quantize_input(rows, lam, self.unsigned)
             error = 0.0
             for layer in self.layers:
-                fit = self.fit_rtn(layer, lam, power_iterations=1)
+                fit = self.fit_rtn(layer, lam, power_iterations=SEARCH_POWER_ITERATIONS)
                 error += self.score(layer, rows, quantized, fit, lam, layer.target[: rows.shape[0]])
-            if error < best_error:
-                best, best_error = (alpha, beta, lam), error
-        return best
+            errors.append(error)
+        order = sorted(range(len(pool)), key=errors.__getitem__)
+        return [pool[i] for i in order]
 
-    def refine(self, layer: _Layer, lam: torch.Tensor, hessian: torch.Tensor | None) -> _Fit:
+    def refine(self, layer: _Layer, lam: torch.Tensor) -> _Fit:
+        """Alternate branch and residual until the output error stops improving by ``svd_tolerance``."""
         quantized = self.format.fake_quantize_input(self.rows, lam, self.unsigned)
 
         def scored(fit: _Fit) -> _Fit:
             fit.error = self.score(layer, self.rows, quantized, fit, lam, layer.target)
             return fit
 
-        best = scored(self.fit_rtn(layer, lam, power_iterations=4))
+        importance = (self.rows / lam.float()).square().mean(dim=0) if self.config.search_clipping else None
+        best = scored(self.fit_rtn(layer, lam, power_iterations=None, importance=importance))
         best.rounds = 1
         if self.config.rank:
             for round_ in range(2, self.config.svd_rounds + 1):
-                candidate = scored(self.fit_rtn(layer, lam, 4, residual_from=best.residual))
-                if candidate.error >= best.error:
+                candidate = scored(self.fit_rtn(layer, lam, REFINE_POWER_ITERATIONS, best, importance))
+                improved = candidate.error < best.error
+                if improved:
+                    candidate.rounds, previous_error, best = round_, best.error, candidate
+                if not improved or best.error > previous_error * (1 - self.config.svd_tolerance):
                     break
-                best, best.rounds = candidate, round_
-        if hessian is not None:
-            best = self._try_gptq(layer, lam, best, hessian, scored)
         return best
 
-    def _try_gptq(self, layer: _Layer, lam: torch.Tensor, fit: _Fit, hessian: torch.Tensor, scored) -> _Fit:
+    def try_gptq(self, layer: _Layer, lam: torch.Tensor, fit: _Fit, hessian: torch.Tensor, held: int) -> _Fit:
+        """GPTQ of ``fit``'s residual against ``hessian`` (which lacks the first ``held`` rows), kept if its
+        output error on those rows is lower than ``fit``'s."""
         target = layer.weight * lam.float()
         if fit.down is not None:
             target = (layer.weight - fit.up.float() @ fit.down.float()) * lam.float()
-        scales = self.format.scales(target)
         inv = 1.0 / lam.float()
-        rounded = gptq(target, hessian * inv[:, None] * inv[None, :], scales.effective, self.format.group,
+        rounded = gptq(target, hessian * inv[:, None] * inv[None, :], fit.scales.effective, self.format.group,
                        self.format.round)
         if rounded is None:
             return fit
-        codes = self.format.codes(rounded, scales)  # exact: ``rounded`` is code × scale
-        residual = self.format.dequantize(codes, scales)
-        candidate = scored(_Fit(0.0, codes, scales, residual, fit.down, fit.up, fit.rounds, gptq=True))
-        return candidate if candidate.error < fit.error else fit
+        codes = self.format.codes(rounded, fit.scales)  # exact: ``rounded`` is code × scale
+        candidate = _Fit(0.0, codes, fit.scales, self.format.dequantize(codes, fit.scales), fit.down, fit.up,
+                         fit.rounds, gptq=True)
+        rows = self.rows[:held]
+        quantized = self.format.fake_quantize_input(rows, lam, self.unsigned)
+        target_rows = layer.target[:held]
+        if self.score(layer, rows, quantized, candidate, lam, target_rows) >= \
+                self.score(layer, rows, quantized, fit, lam, target_rows):
+            return fit
+        quantized = self.format.fake_quantize_input(self.rows, lam, self.unsigned)
+        candidate.error = self.score(layer, self.rows, quantized, candidate, lam, layer.target)
+        return candidate
+
+
+def _gptq_hessian(stats: InputStats, k: int, kp: int, unsigned: bool, device: torch.device
+                  ) -> tuple[torch.Tensor | None, int]:
+    """(Σxᵀx of the calibration rows less those held out, padded to Kp; how many sampled rows are held out),
+    or (None, 0) when the rows are too few for both."""
+    if stats.hessian is None:
+        raise CalibrationError(f"{stats.name}: GPTQ needs Σxᵀx; gather statistics with hessian=True")
+    held = stats.held_out(MIN_HELD_OUT)
+    if not held:
+        _note_few_rows(stats.name, stats.hessian_rows, k)
+        return None, 0
+    hessian = stats.shifted_hessian(int4.GELU_SHIFT if unsigned else 0.0, held).to(device)
+    log.info("%s: GPTQ's Hessian sums %d calibration rows; %d sampled rows are held out to check it",
+             stats.name, stats.hessian_rows - held, held)
+    return packing.pad_to(hessian, (kp, kp)), held
 
 
 def quantize_linears(
@@ -259,21 +304,19 @@ def quantize_linears(
 
     absmax = stats.shifted_absmax(int4.GELU_SHIFT) if act_unsigned else stats.absmax
     recipe = _Recipe(prepared, rows, packing.pad_to(absmax.to(device), (kp,)), config, act_unsigned)
-    alpha, beta, lam = recipe.search()
-    hessian = None
+    # The search ranks the candidates with a first branch; the finalists are scored with the final one.
+    chosen, fits = None, None
+    for alpha, beta, lam in recipe.search()[:config.finalists]:
+        candidate = [recipe.refine(layer, lam) for layer in prepared]
+        if fits is None or sum(f.error for f in candidate) < sum(f.error for f in fits):
+            chosen, fits = (alpha, beta, lam), candidate
+    alpha, beta, lam = chosen
     if config.gptq:
-        if stats.hessian is None:
-            raise CalibrationError(f"{stats.name}: GPTQ needs Σxᵀx; gather statistics with hessian=True")
-        if stats.hessian_rows >= k:
-            full = stats.shifted_hessian(int4.GELU_SHIFT if act_unsigned else 0.0).to(device)
-            hessian = packing.pad_to(full, (kp, kp))
-        else:
-            _note_few_rows(stats.name, stats.hessian_rows, k)
+        hessian, held = _gptq_hessian(stats, k, kp, act_unsigned, device)
+        if hessian is not None:
+            fits = [recipe.try_gptq(layer, lam, fit, hessian, held) for layer, fit in zip(prepared, fits, strict=True)]
 
-    results = []
-    for layer in prepared:
-        fit = recipe.refine(layer, lam, hessian)
-        results.append(_pack(layer, fit, lam, recipe, k, alpha, beta))
+    results = [_pack(layer, fit, lam, recipe, k, alpha, beta) for layer, fit in zip(prepared, fits, strict=True)]
     elapsed = (time.perf_counter() - started) / len(results)
     for r in results:
         r.seconds = elapsed

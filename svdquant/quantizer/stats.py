@@ -2,10 +2,10 @@
 
 Per input channel the running min and max (smoothing needs the absmax, the GELU-shifted layers the
 max of ``x + shift``), a uniform sample of at most ``max_rows`` input rows (the smoothing search and
-low-rank iterations measure output error on it), and optionally ``Σ xᵀx`` for GPTQ over every row
-*not* in that sample: GPTQ fits its rounding to the Hessian's rows, so only rows it has not seen tell
-whether it helped. Memory is ``O(max_rows·K + K²)`` however many tokens pass, so a 12B model's
-activations never pile up.
+low-rank iterations measure output error on it), and optionally ``Σ xᵀx`` for GPTQ over every row.
+GPTQ fits its rounding to the Hessian's rows, so only rows it has not seen tell whether it helped: the
+quantizer holds some sampled rows out and takes their part back out of the sum (:meth:`held_out`).
+Memory is ``O(max_rows·K + K²)`` however many tokens pass, so a 12B model's activations never pile up.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class InputStats:
         self.rows = torch.empty((0, in_features), device=self.device)
         self._keys = torch.empty((0,), device=self.device)
         self.hessian = torch.zeros((in_features, in_features), device=self.device) if hessian else None
-        # Σ x and the number of rows over the Hessian's rows (those that left or never entered the sample)
+        # Σ x and the number of rows, over the Hessian's rows (every row)
         self.total = torch.zeros((in_features,), device=self.device)
         self.hessian_rows = 0
         self.count = 0
@@ -57,32 +57,26 @@ class InputStats:
         self.minimum = torch.minimum(self.minimum, x.amin(dim=0))
         self.maximum = torch.maximum(self.maximum, x.amax(dim=0))
         self.count += x.shape[0]
-        dropped = self._sample(x)
-        if self.hessian is not None and dropped.shape[0]:
-            self.hessian.addmm_(dropped.T, dropped)
-            self.total += dropped.sum(dim=0)
-            self.hessian_rows += dropped.shape[0]
+        self._sample(x)
+        if self.hessian is not None:
+            self.hessian.addmm_(x.T, x)
+            self.total += x.sum(dim=0)
+            self.hessian_rows += x.shape[0]
 
-    def _sample(self, x: torch.Tensor) -> torch.Tensor:
-        """Offer ``x`` to the sample; returns the rows not kept (refused now, or pushed out)."""
+    def _sample(self, x: torch.Tensor) -> None:
+        """Offer ``x`` to the sample."""
         # Priority sampling: every row gets a uniform random key and the max_rows largest keys are
         # kept, which is a uniform sample without replacement of all rows seen so far.
         keys = torch.rand(x.shape[0], generator=self._generator, device=self.device)
-        dropped = []
         if self._keys.numel() >= self.max_rows:
             keep = keys > self._keys.min()
-            dropped.append(x[~keep])
             x, keys = x[keep], keys[keep]
         keys = torch.cat([self._keys, keys])
         rows = torch.cat([self.rows, x])
         if keys.numel() > self.max_rows:
             top = torch.topk(keys, self.max_rows).indices
-            out = torch.ones(keys.numel(), dtype=torch.bool, device=self.device)
-            out[top] = False
-            dropped.append(rows[out])
             keys, rows = keys[top], rows[top]
         self._keys, self.rows = keys, rows
-        return torch.cat(dropped) if dropped else x[:0]
 
     @property
     def absmax(self) -> torch.Tensor:
@@ -91,15 +85,29 @@ class InputStats:
     def shifted_absmax(self, shift: float) -> torch.Tensor:
         return torch.maximum((self.maximum + shift).abs(), (self.minimum + shift).abs())
 
-    def shifted_hessian(self, shift: float) -> torch.Tensor | None:
-        """Σ (x + shift)(x + shift)ᵀ over the Hessian's rows, from Σ xxᵀ, Σ x and their count."""
-        if self.hessian is None or shift == 0:
-            return self.hessian
-        # in place on one copy: K is 12288 for FLUX.1's MLP down projections
+    def shifted_hessian(self, shift: float, held_out: int = 0) -> torch.Tensor | None:
+        """Σ (x + shift)(x + shift)ᵀ over the Hessian's rows less the first ``held_out`` sampled rows, from
+        Σ xxᵀ, Σ x and their count. A new tensor: K is 12288 for FLUX.1's MLP down projections, so the
+        steps run in place on one copy."""
+        if self.hessian is None:
+            return None
         out = self.hessian.clone()
-        out.add_(self.total[:, None], alpha=shift)
-        out.add_(self.total[None, :], alpha=shift)
-        return out.add_(shift * shift * self.hessian_rows)
+        if shift:
+            out.add_(self.total[:, None], alpha=shift)
+            out.add_(self.total[None, :], alpha=shift)
+            out.add_(shift * shift * self.hessian_rows)
+        if held_out:
+            held = self.rows[:held_out] + shift
+            out.addmm_(held.T, held, alpha=-1.0)
+        return out
+
+    def held_out(self, minimum: int) -> int:
+        """How many sampled rows to hold out of the Hessian to check GPTQ on: half the sample, fewer if the
+        Hessian would otherwise keep fewer rows than input channels; 0 when that leaves under ``minimum``."""
+        if self.hessian is None:
+            return 0
+        held = min(self.rows.shape[0] // 2, self.hessian_rows - self.in_features)
+        return held if held >= minimum else 0
 
     def require_data(self) -> None:
         if self.count == 0:
