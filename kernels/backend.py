@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..svdquant import dispatch, packing
 from ..svdquant.errors import SVDQuantError
-from ..svdquant.layers import compute_dtype_problem
+from ..svdquant.layers import W4A4Reference, compute_dtype_problem
 from . import build, runtime
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,17 @@ class _Slot(str):
     """A launch argument that changes per call (the input, the output, a workspace)."""
 
 
-X, Y, CODES, ASCALES, LORA_ACT = (_Slot(n) for n in ("x", "y", "codes", "ascales", "lora_act"))
+X, Y, CODES, ASCALES, LORA_ACT = _SLOTS = tuple(_Slot(n) for n in ("x", "y", "codes", "ascales", "lora_act"))
 
 
 @dataclass
 class _Plan:
     device: runtime.Device
     family: str
-    launches: list[tuple[object, tuple[int, int, int], int, tuple]]  # (function, grid, block, packed args)
-    workspace: tuple[int, int, int] | None  # words of codes, ascales, lora_act (W4A4)
+    # (function, grid, block, packed arguments, (position, slot index) of each per-call argument)
+    launches: list[tuple[object, tuple[int, int, int], int, tuple, tuple[tuple[int, int], ...]]]
+    workspace: int  # int32 words of the three workspaces (W4A4), 0 for none
+    offsets: tuple[int, ...]  # byte offsets of codes, ascales, lora_act in it
     keep: list[torch.Tensor]  # weight copies made to meet the kernels' alignment, alive while the plan is
 
 
@@ -117,15 +119,16 @@ def _padded(x: torch.Tensor, kp: int) -> torch.Tensor:
     return _ready(x if x.shape[1] == kp else F.pad(x, (0, kp - x.shape[1])))
 
 
-def _input(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, int, int]:
+def _input(x: torch.Tensor, layer: torch.nn.Module) -> tuple[torch.Tensor, int, int]:
     """``x`` as kernel 1 reads it, with its row stride and column count: a view is read in place when its
     rows are dense and 16-byte aligned (FLUX's linear2 halves and SDXL's 320-wide layers need no copy);
-    anything else is copied once, padded to ``kp`` columns."""
+    anything else is copied once, padded to the layer's padded width."""
     m, k = x.shape
     row, column = x.stride()
     ldx = row if m > 1 else k
     if column == 1 and k % 8 == 0 and ldx % 8 == 0 and ldx >= k and x.data_ptr() % 16 == 0:
         return x, ldx, k
+    kp = layer.qweight.shape[1] * 2
     return _padded(x, kp), kp, kp
 
 
@@ -180,7 +183,7 @@ def plan_w4a4(layer: torch.nn.Module, x: torch.Tensor,
               out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Launch]]:
     """The output and the two launches (kernel 1, kernel 2) of a W4A4 forward of a 2-D input with at least
     one row, with tensors (device pointers), None (null) and ints as arguments (tests, benchmarks)."""
-    x, ldx, kx = _input(x, layer.qweight.shape[1] * 2)
+    x, ldx, kx = _input(x, layer)
     launches, words = _w4a4_launches(layer, x.shape[0], ldx, kx)
     codes, ascales, lora_act = _workspaces(words, x.device)
     y = _output(out, x.shape[0], layer.out_features, x)
@@ -223,9 +226,11 @@ def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, 
     if device is None:
         return f"{what}: no kernel on cuda:{x.device.index}"
     keep: list[torch.Tensor] = []
-    packed = [(device.function(family, name), grid, block, tuple(_pack(a, keep) for a in args))
+    packed = [(device.function(family, name), grid, block, tuple(_pack(a, keep) for a in args),
+               tuple((i, _SLOTS.index(a)) for i, a in enumerate(args) if isinstance(a, _Slot)))
               for name, grid, block, args in launches]
-    return _Plan(device, family, packed, workspace, keep)
+    words = workspace or (0,)
+    return _Plan(device, family, packed, sum(words), tuple(4 * sum(words[:i]) for i in range(len(words))), keep)
 
 
 _TENSORS = ("qweight", "wscales", "wzeros", "smooth_factor", "proj_down", "proj_up", "bias", "wcscales", "wtscale")
@@ -233,39 +238,41 @@ _TENSORS = ("qweight", "wscales", "wzeros", "smooth_factor", "proj_down", "proj_
 
 def _plan_key(layer: torch.nn.Module, x: torch.Tensor, *shape: int) -> tuple:
     """Everything a plan depends on: the input's shape, dtype and device, the layer's kind, and its weights'
-    addresses and layout (every tensor's shape follows from qweight's, the rank and the kind). ``layer`` is
-    a module or a custom op's view of one (svdquant/torch_ops.py)."""
+    addresses and layout (every tensor's shape follows from qweight's, the branch's and the kind). ``layer``
+    is a module (read through its buffer table: a module's attribute lookup is slow) or a custom op's view
+    of one (svdquant/torch_ops.py)."""
+    buffers = getattr(layer, "_buffers", None)
+    tensors = [buffers.get(n) for n in _TENSORS] if buffers is not None else [getattr(layer, n, None)
+                                                                              for n in _TENSORS]
+    w4a4 = isinstance(layer, W4A4Reference)
     return (*shape, x.dtype, x.device.index, layer.kernel_backend, layer.out_features,
-            getattr(layer, "precision", None), getattr(layer, "act_unsigned", False), getattr(layer, "rank", 0),
-            layer.qweight.shape, *[None if t is None else t.data_ptr() for t in
-                                   (getattr(layer, name, None) for name in _TENSORS)])
+            (layer.precision, layer.act_unsigned, tensors[4].shape) if w4a4 else "w4a16", tensors[0].shape,
+            *[None if t is None else t.data_ptr() for t in tensors])
 
 
-def _cached(key: tuple, make) -> _Plan | str:
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) >= _MAX_PLANS:
-            _plans.pop(next(iter(_plans)))
-        plan = _plans[key] = make()
+def _cached(key: tuple, plan: _Plan | str) -> _Plan | str:
+    if len(_plans) >= _MAX_PLANS:
+        _plans.pop(next(iter(_plans)))
+    _plans[key] = plan
     return plan
 
 
 def _run(plan: _Plan, key: tuple, layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
     """Launch a plan; False (said once, and this layer and shape falls back from now on) when the driver
     refuses a launch but the GPU stays usable."""
-    values = {X: np.uint64(x.data_ptr()), Y: np.uint64(y.data_ptr())}
+    values = [np.uint64(x.data_ptr()), np.uint64(y.data_ptr())]
     if plan.workspace:  # one allocation, served by torch's caching allocator, for the three workspaces
-        workspace = torch.empty(sum(plan.workspace), dtype=torch.int32, device=x.device)  # held past the launches
-        address = workspace.data_ptr()
-        for slot, words in zip((CODES, ASCALES, LORA_ACT), plan.workspace, strict=True):
-            values[slot] = np.uint64(address)
-            address += 4 * words
+        workspace = torch.empty(plan.workspace, dtype=torch.int32, device=x.device)  # held past the launches
+        base = workspace.data_ptr()
+        values += [np.uint64(base + offset) for offset in plan.offsets]
     device = plan.device
     stream = device.stream()
     try:
-        for function, grid, block, args in plan.launches:
-            device.launch_packed(function, grid, block, tuple(values[a] if a.__class__ is _Slot else a for a in args),
-                                 stream)
+        for function, grid, block, packed, slots in plan.launches:
+            args = list(packed)
+            for position, slot in slots:
+                args[position] = values[slot]
+            device.launch_packed(function, grid, block, tuple(args), stream)
     except runtime.LaunchError as exc:
         where = f"{_label(layer)} with a {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} input"
         if exc.sticky:
@@ -285,11 +292,12 @@ def w4a4(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = Non
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, layer.out_features))
-    x, ldx, kx = _input(x, layer.qweight.shape[1] * 2)
+    x, ldx, kx = _input(x, layer)
     key = _plan_key(layer, x, m, ldx, kx)
-    family = layer.precision  # "int4" | "nvfp4"
-    plan = _cached(key, lambda: _make_plan(layer, x, family, f"{family} W4A4 layers",
-                                           *_w4a4_launches(layer, m, ldx, kx)))
+    plan = _plans.get(key)
+    if plan is None:
+        family = layer.precision  # "int4" | "nvfp4"
+        plan = _cached(key, _make_plan(layer, x, family, f"{family} W4A4 layers", *_w4a4_launches(layer, m, ldx, kx)))
     if plan.__class__ is str:
         return None
     y = _output(out, m, layer.out_features, x)
@@ -308,7 +316,9 @@ def w4a16(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = No
         return x.new_empty((0, layer.out_features))
     x = _padded(x, layer.qweight.shape[1] * 2)
     key = _plan_key(layer, x, m)
-    plan = _cached(key, lambda: _make_plan(layer, x, "w4a16", "W4A16 layers", _w4a16_launches(layer, m), None))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _cached(key, _make_plan(layer, x, "w4a16", "W4A16 layers", _w4a16_launches(layer, m), None))
     if plan.__class__ is str:
         return None
     y = _output(out, m, layer.out_features, x)
