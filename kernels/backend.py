@@ -8,7 +8,7 @@ error that leaves the GPU unusable raises too, naming the layer and shape.
 
 A call does only what changes per call. A *plan* (kernel handles, grids, the constant arguments packed
 for the driver) is made once per set of weight tensors, input shape and device, and kept in a small
-table keyed by exactly what it depends on (the tensors' addresses, shapes and dtypes), so a shallow
+table keyed by exactly what it depends on (the tensors' addresses and layout, the input's shape), so a shallow
 copy of a layer (what a LoRA call runs) shares its plan and freed weights can never be read. A call then
 allocates its output and one workspace, fills in their addresses and the input's, and launches.
 """
@@ -140,8 +140,8 @@ def _output(out: torch.Tensor | None, m: int, n: int, like: torch.Tensor) -> tor
     return out
 
 
-def _suffix(layer: torch.nn.Module, mode: str) -> str:
-    return f"{mode}_{'bf16' if layer.compute_dtype == torch.bfloat16 else 'fp16'}"
+def _dtype_name(layer: torch.nn.Module) -> str:
+    return "bf16" if layer.compute_dtype == torch.bfloat16 else "fp16"
 
 
 def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int) -> tuple[list[Launch], tuple[int, int, int]]:
@@ -150,7 +150,7 @@ def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int) -> tuple[l
     np_, kp, rank = layer.qweight.shape[0], layer.qweight.shape[1] * 2, layer.rank
     mp = packing.round_up(m, _ROW_TILE)
     nvfp4 = layer.precision == "nvfp4"
-    suffix = _suffix(layer, "nvfp4" if nvfp4 else ("uint4" if layer.act_unsigned else "int4"))
+    suffix = f"{'nvfp4' if nvfp4 else ('uint4' if layer.act_unsigned else 'int4')}_{_dtype_name(layer)}"
     workspace = (mp * kp // 8, mp * kp // 64, max(mp * rank // 2, 4))  # NVFP4 scales: the same count of u32
     return [
         (f"svdq_quantize_{suffix}", (mp // 16, 1, max(1, -(-rank // 64))), 128,
@@ -165,7 +165,7 @@ def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int) -> tuple[l
 def _w4a16_launches(layer: torch.nn.Module, m: int) -> list[Launch]:
     np_, kp = layer.qweight.shape[0] * 4, layer.qweight.shape[1] * 2
     rows = 1 if m == 1 else 2 if m == 2 else 4
-    return [(f"svdq_gemv_w4a16_{_suffix(layer, '')[1:]}_m{rows}", (np_ // 16, -(-m // rows), 1), 128,
+    return [(f"svdq_gemv_w4a16_{_dtype_name(layer)}_m{rows}", (np_ // 16, -(-m // rows), 1), 128,
              [layer.qweight, layer.wscales, layer.wzeros, layer.bias, X, Y, m, layer.out_features, kp, np_])]
 
 
@@ -279,8 +279,9 @@ def _run(plan: _Plan, key: tuple, layer: torch.nn.Module, x: torch.Tensor, y: to
             raise SVDQuantError(f"CUDA error on {plan.device.name} while launching the SVDQuant kernels for {where}: "
                                 f"{exc}. The GPU context is no longer usable (this or an earlier GPU operation "
                                 "failed); restart ComfyUI") from exc
-        _plans[key] = reason = f"{plan.family} layers on {plan.device.name}: the driver refused a launch ({exc})"
+        reason = f"{plan.family} layers on {plan.device.name}: the driver refused a launch ({exc})"
         _fallback(layer, f"{reason}, first for {where}", logging.WARNING, kind=reason)
+        _plans[key] = reason  # after _fallback: a layer that demands the kernels raises on every call
         return False
     return True
 
