@@ -23,9 +23,10 @@ from .errors import ConfigError
 
 PRECISIONS = ("int4", "nvfp4")
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
-# The floating-point tensors a layer may hold, by attribute name (modules and the custom ops' views alike).
+# The floating-point tensors of a layer's file format, by attribute name (modules and the custom ops' views
+# alike). A W4A16 layer's run-time LoRA term is not among them: no kernel reads it.
 FLOAT_TENSORS = ("wscales", "wzeros", "smooth_factor", "smooth_factor_orig", "proj_down", "proj_up", "bias",
-                 "wcscales", "wtscale", "lora_down", "lora_up")
+                 "wcscales", "wtscale")
 FP32_TENSORS = ("wtscale",)  # NVFP4's per-tensor scale: one value, kept exact whatever the file stored
 
 
