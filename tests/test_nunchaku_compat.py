@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 import nunchaku_fixture
+from comfyui_svdquant.svdquant.layers import W4A4Linear, W4A16Linear
 from conftest import validation_errors
 from nunchaku_fixture import FAULTS, flux_checkpoint
 from tiny_models import TINY_FLUX, flux_inputs, mapping_errors, quantize, relative_error, tiny_flux
@@ -177,9 +178,28 @@ def test_nvfp4_file_loads_and_runs_on_the_reference_path(dense, reference, model
         out = output(patcher, inputs)
         output(patcher, inputs)
     assert any("reference path" in m for m in at_load) and any("nvfp4" in m for m in at_load)
+    loaded = next(m for m in at_load if m.startswith("SVDQuant: loaded svdq-fp4_r32-tiny.safetensors"))
+    leaves = sum(isinstance(m, (W4A4Linear, W4A16Linear)) for m in patcher.model.modules())
+    assert f"; {leaves} layers on the PyTorch reference path (no CUDA kernels on cpu))" in loaded
     assert not [r for r in caplog.records if "reference path" in r.getMessage()]
     assert max(mapping_errors(patcher.model, expected).values()) < EXACT
     assert relative_error(out, want) < MODEL_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_files_16_bit_dtype_is_read_from_its_layers_for_nvfp4_too(dense, tmp_path, dtype):
+    """NVFP4 weight scales are FP8: the file's 16-bit dtype (which decides the compute dtype on a GPU) comes
+    from the smoothing factors, so an fp16 NVFP4 file is not taken for a bf16 one."""
+    from comfyui_svdquant.loaders.architecture import all_layers
+    from comfyui_svdquant.loaders.load import detect, stored_dtype
+    from comfyui_svdquant.svdquant.checkpoint import CheckpointReader
+
+    path = tmp_path / "svdq-fp4_r32-tiny.safetensors"
+    flux_checkpoint(dense, path, precision="nvfp4", dtype=dtype)
+    with CheckpointReader(path) as reader:
+        architecture = detect(reader)
+        layers = all_layers(architecture.blocks(architecture.unet_config(reader)))
+        assert stored_dtype(reader, layers) == dtype
 
 
 # Which ComfyUI Linears each fault touches (their file pieces are written the way a wrong mapping
