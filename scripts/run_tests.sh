@@ -78,17 +78,19 @@ fi
 
 status=0
 summary=()
+only=()  # the first tree runs the whole suite; the others only what uses ComfyUI (the rest cannot differ)
 for tree in "${trees[@]}"; do
     version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$tree/comfyui_version.py" 2>/dev/null || true)
-    echo "== ComfyUI ${version:-?} at $tree"
+    echo "== ComfyUI ${version:-?} at $tree${only:+ (tests that use ComfyUI)}"
     log=${TMPDIR:-/tmp}/svdquant-tests-${version:-tree}.log
     set +e
-    (tree_env "$tree" && COMFYUI_PATH=$tree python -m pytest "$@") 2>&1 | tee "$log"
+    (tree_env "$tree" && COMFYUI_PATH=$tree python -m pytest "${only[@]}" "$@") 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     set -e
     [ "$rc" -eq 0 ] || status=$rc
     result=$(grep -E '^=+ .*(passed|failed|error).* =+$' "$log" | tail -1 | tr -d '=' || true)
     summary+=("ComfyUI ${version:-?}:${result:- no result} (exit $rc)")
+    only=(--comfyui-only)
 done
 echo
 echo "== covered: ${#trees[@]} ComfyUI tree(s)"

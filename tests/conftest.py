@@ -19,6 +19,19 @@ sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (tiny_mode
 from pack_import import PACKAGE, ROOT  # noqa: E402  (imports the pack as comfyui_svdquant)
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--comfyui-only", action="store_true",
+                     help="run only the tests that use ComfyUI (the others do not depend on the ComfyUI version: "
+                          "scripts/run_tests.sh runs them with the first tree only)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--comfyui-only"):
+        others = [item for item in items if "comfy" not in item.fixturenames]
+        config.hook.pytest_deselected(items=others)
+        items[:] = [item for item in items if "comfy" in item.fixturenames]
+
+
 def comfyui_root() -> Path | None:
     candidates = [Path(os.environ["COMFYUI_PATH"])] if os.environ.get("COMFYUI_PATH") else []
     candidates.append(ROOT.parent.parent)  # ComfyUI/custom_nodes/<this pack>
