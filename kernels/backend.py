@@ -206,8 +206,8 @@ def _pack(arg: object, keep: list[torch.Tensor]) -> object:
         ready = _ready(arg)
         if ready is not arg:
             keep.append(ready)
-        return np.uint64(ready.data_ptr())
-    return np.uint64(0) if arg is None else np.int32(arg)
+        arg = ready
+    return runtime.packed(arg)
 
 
 def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, launches: list[Launch],

@@ -40,6 +40,13 @@ class LaunchError(RuntimeError):
         return self.status in STICKY
 
 
+def packed(arg: torch.Tensor | int | None):
+    """A launch argument as the driver takes it: a tensor's device pointer, a null pointer, an int32."""
+    if isinstance(arg, torch.Tensor):
+        return np.uint64(arg.data_ptr())
+    return np.uint64(0) if arg is None else np.int32(arg)
+
+
 def torch_cuda_major() -> int:
     """CUDA major version of the installed torch (which decides the NVRTC and CuPy wheels)."""
     if getattr(torch.version, "hip", None):
@@ -136,9 +143,8 @@ class Device:
     def launch_function(self, function, grid: tuple[int, int, int], block: int, args: list) -> None:
         """Launch a CuPy kernel (a Function, or a RawModule's RawKernel) on torch's current stream of this
         device. ``args``: tensors (passed as device pointers), None (a null pointer) and ints (int32)."""
-        packed = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.uint64(0) if a is None
-                       else np.int32(a) for a in args)
-        self.launch_packed(getattr(function, "kernel", function), grid, block, packed, self.stream())
+        self.launch_packed(getattr(function, "kernel", function), grid, block, tuple(map(packed, args)),
+                           self.stream())
 
     def stream(self):
         """CuPy's handle on torch's current stream of this device."""
