@@ -50,8 +50,7 @@ X, Y, CODES, ASCALES, LORA_ACT = _SLOTS = tuple(_Slot(n) for n in ("x", "y", "co
 class _Plan:
     device: runtime.Device
     family: str
-    # (function, grid, block, packed arguments, (position, slot index) of each per-call argument)
-    launches: list[tuple[object, tuple[int, int, int], int, tuple, tuple[tuple[int, int], ...]]]
+    launches: tuple[runtime.Launch, ...]  # the per-call slots index (X, Y, CODES, ASCALES, LORA_ACT)
     workspace: int  # int32 words of the three workspaces (W4A4), 0 for none
     offsets: tuple[int, ...]  # byte offsets of codes, ascales, lora_act in it
     keep: list[torch.Tensor]  # weight copies made to meet the kernels' alignment, alive while the plan is
@@ -199,9 +198,10 @@ def plan_w4a16(layer: torch.nn.Module, x: torch.Tensor,
 
 
 def _pack(arg: object, keep: list[torch.Tensor]) -> object:
-    """A constant launch argument as the driver takes it: a device pointer, a null pointer or an int32."""
+    """A launch argument as the driver takes it: a device pointer, a null pointer or an int32 (a per-call
+    argument: a null pointer until the call fills it in)."""
     if isinstance(arg, _Slot):
-        return arg
+        return np.uint64(0)
     if isinstance(arg, torch.Tensor):
         ready = _ready(arg)
         if ready is not arg:
@@ -226,9 +226,9 @@ def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, 
     if device is None:
         return f"{what}: no kernel on cuda:{x.device.index}"
     keep: list[torch.Tensor] = []
-    packed = [(device.function(family, name), grid, block, tuple(_pack(a, keep) for a in args),
-               tuple((i, _SLOTS.index(a)) for i, a in enumerate(args) if isinstance(a, _Slot)))
-              for name, grid, block, args in launches]
+    packed = tuple(runtime.prepare(device.function(family, name), grid, block, tuple(_pack(a, keep) for a in args),
+                                   tuple((i, _SLOTS.index(a)) for i, a in enumerate(args) if isinstance(a, _Slot)))
+                   for name, grid, block, args in launches)
     words = workspace or (0,)
     return _Plan(device, family, packed, sum(words), tuple(4 * sum(words[:i]) for i in range(len(words))), keep)
 
@@ -242,12 +242,12 @@ def _plan_key(layer: torch.nn.Module, x: torch.Tensor, *shape: int) -> tuple:
     is a module (read through its buffer table: a module's attribute lookup is slow) or a custom op's view
     of one (svdquant/torch_ops.py)."""
     buffers = getattr(layer, "_buffers", None)
-    tensors = [buffers.get(n) for n in _TENSORS] if buffers is not None else [getattr(layer, n, None)
-                                                                              for n in _TENSORS]
-    w4a4 = isinstance(layer, W4A4Reference)
-    return (*shape, x.dtype, x.device.index, layer.kernel_backend, layer.out_features,
-            (layer.precision, layer.act_unsigned, tensors[4].shape) if w4a4 else "w4a16", tensors[0].shape,
-            *[None if t is None else t.data_ptr() for t in tensors])
+    if buffers is None:
+        buffers = {name: getattr(layer, name, None) for name in _TENSORS}
+    kind = (layer.precision, layer.act_unsigned, buffers["proj_down"].shape) if isinstance(layer, W4A4Reference) \
+        else "w4a16"
+    return (*shape, x.dtype, x.get_device(), layer.kernel_backend, layer.out_features, kind, buffers["qweight"].shape,
+            *[0 if t is None else t.data_ptr() for t in buffers.values()])
 
 
 def _cached(key: tuple, plan: _Plan | str) -> _Plan | str:
@@ -260,19 +260,15 @@ def _cached(key: tuple, plan: _Plan | str) -> _Plan | str:
 def _run(plan: _Plan, key: tuple, layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
     """Launch a plan; False (said once, and this layer and shape falls back from now on) when the driver
     refuses a launch but the GPU stays usable."""
-    values = [np.uint64(x.data_ptr()), np.uint64(y.data_ptr())]
-    if plan.workspace:  # one allocation, served by torch's caching allocator, for the three workspaces
-        workspace = torch.empty(plan.workspace, dtype=torch.int32, device=x.device)  # held past the launches
-        base = workspace.data_ptr()
-        values += [np.uint64(base + offset) for offset in plan.offsets]
     device = plan.device
     stream = device.stream()
+    values = [x.data_ptr(), y.data_ptr()]
+    if plan.workspace:  # the three workspaces in one buffer
+        workspace = device.workspace(plan.workspace, stream, x.device)  # held past the launches
+        base = workspace.data_ptr()
+        values += [base + offset for offset in plan.offsets]
     try:
-        for function, grid, block, packed, slots in plan.launches:
-            args = list(packed)
-            for position, slot in slots:
-                args[position] = values[slot]
-            device.launch_packed(function, grid, block, tuple(args), stream)
+        device.run(plan.launches, values, stream)
     except runtime.LaunchError as exc:
         where = f"{_label(layer)} with a {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} input"
         if exc.sticky:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 
 import pytest
 import torch
 from stub_gpu import DriverError, cuda_looking, stub_gpu
 from test_layers import random_w4a4
 
-from comfyui_svdquant.kernels import backend
+from comfyui_svdquant.kernels import backend, runtime
 from comfyui_svdquant.svdquant import dispatch, packing
 from comfyui_svdquant.svdquant.errors import SVDQuantError
 from comfyui_svdquant.svdquant.layers import SplitInputLinear, compute_dtype_problem, to_compute_dtype
@@ -195,3 +196,37 @@ def test_the_stored_dtype_is_what_the_compute_dtype_rule_gives(gpu):
     assert {layer.smooth_factor.dtype, layer.proj_down.dtype, layer.proj_up.dtype, layer.bias.dtype,
             layer.wcscales.dtype} == {torch.float16}
     assert packing.unpack_vector(layer.wcscales).isfinite().all()
+
+
+def test_small_calls_reuse_one_workspace_per_stream(gpu, monkeypatch):
+    """Kernel 1's outputs go to a buffer kept per stream; a call that needs more, or one made while a CUDA
+    graph is captured (the graph must own what it reads), gets its own from torch's allocator."""
+    layer = random_w4a4(256, 128, 16, "int4")
+    backend.w4a4(layer, _x(5, 256))
+    backend.w4a4(layer, _x(9, 256))
+    first, second = (_pointers(args)[3:6] for name, _, _, args in gpu.launches if name.startswith("svdq_quantize"))
+    assert first[0] == second[0] == gpu.device._scratch[0].data_ptr()
+    assert first[1:] == second[1:]  # the same offsets: both calls fill 128 padded rows
+
+    monkeypatch.setattr(runtime, "SCRATCH_WORDS", 64)  # the workspace of 5 rows is 128·(32+4+8) words
+    gpu.launches.clear()
+    backend.w4a4(layer, _x(5, 256))
+    assert _pointers(gpu.launches[0][3])[3] != gpu.device._scratch[0].data_ptr()
+
+    monkeypatch.setattr(runtime, "SCRATCH_WORDS", 1 << 20)
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: True)
+    gpu.launches.clear()
+    backend.w4a4(layer, _x(5, 256))
+    assert _pointers(gpu.launches[0][3])[3] != gpu.device._scratch[0].data_ptr()
+
+
+def test_a_launch_from_another_current_device_switches_and_restores_it(gpu, monkeypatch):
+    """The kernels live in their GPU's context: a thread whose current device is another GPU switches for
+    the launch and back."""
+    cuda_runtime = sys.modules["cupy"].cuda.runtime
+    calls = []
+    monkeypatch.setattr(cuda_runtime, "getDevice", lambda: 1)
+    monkeypatch.setattr(cuda_runtime, "setDevice", calls.append)
+    gpu.device._api = None  # bind the patched calls
+    assert backend.w4a4(random_w4a4(256, 128, 16, "int4"), _x(3, 256)) is not None
+    assert calls == [0, 1] and len(gpu.launches) == 2
