@@ -133,7 +133,7 @@ def _input(x: torch.Tensor, layer: torch.nn.Module) -> tuple[torch.Tensor, int, 
 
 def _output(out: torch.Tensor | None, m: int, n: int, like: torch.Tensor) -> torch.Tensor:
     if out is None:
-        return torch.empty((m, n), dtype=like.dtype, device=like.device)
+        return like.new_empty((m, n))
     if out.shape != (m, n) or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous ({m}, {n}) {like.dtype} tensor on {like.device}")
     return out
