@@ -103,18 +103,39 @@ template <class T, bool UNSIGNED_A> struct Kernel2Wgmma {
         float acc[BN / 8][4];
     };
 
-    // cp.async step kt of the CTA's raw data into `r` (one 16-byte copy of A and of B per thread, and the
-    // 768 bytes of scales by 48 threads), as gemm_w4a4.cu loads its stages; zero-fills instead of reading
-    // when `valid` is false (past the last step: predicated, so the main loop has no branch).
-    static DEVICE void load_raw(Raw& r, const Args& p, int mb, int nb, int kt, int tid, bool valid) {
+    // Where this thread's cp.async copies of step 0 come from; step kt is kt strides further (one 16-byte
+    // copy of A and of B per thread, and the 768 bytes of scales by threads 0..47), as gemm_w4a4.cu's
+    // stages. Pointers that advance keep the loop's address arithmetic to one add each.
+    struct Source {
+        const u32* a;  // codes of row tile 8·mb + tid / 32, lane tid % 32
+        const u32* b;  // 16 bytes of the qweight block (nb, step)
+        const char* scales;  // threads 0..31: 16 bytes of row scales; 32..47: of column scales
+        int scale_stride;    // bytes from one step's scales to the next
+    };
+
+    static DEVICE Source source(const Args& p, int mb, int nb, int tid) {
         const int G = p.K / 64;
-        kt = valid ? kt : 0;  // an address inside the tensors all the same
-        cp_async16(&r.a[0][0] + tid, p.codes + (((size_t)(8 * mb + tid / 32) * G + kt) * 32 + tid % 32) * 4, valid);
-        cp_async16(&r.b[0][0] + tid, p.qweight + (((size_t)nb * G + kt) * 8 * 32 + tid) * 4, valid);
+        Source src{p.codes + ((size_t)(8 * mb + tid / 32) * G * 32 + tid % 32) * 4,
+                   p.qweight + ((size_t)nb * G * 8 * 32 + tid) * 4, nullptr, 0};
         if (tid < 32) {
-            cp_async16(&r.as[4 * tid], p.ascales + (size_t)kt * p.Mp + BM * mb + 4 * tid, valid);
-        } else if (tid < 48) {
-            cp_async16(&r.ws[8 * (tid - 32)], p.wscales + ((size_t)nb * G + kt) * BN + 8 * (tid - 32), valid);
+            src.scales = (const char*)(p.ascales + BM * mb + 4 * tid);
+            src.scale_stride = p.Mp * (int)sizeof(float);
+        } else {
+            src.scales = (const char*)(p.wscales + (size_t)nb * G * BN + 8 * (tid - 32));
+            src.scale_stride = BN * (int)sizeof(u16);
+        }
+        return src;
+    }
+
+    // cp.async step kt into `r`; zero-fills instead of reading when `valid` is false (past the last step:
+    // predicated, so the main loop has no branch around its wgmma).
+    static DEVICE void load_raw(Raw& r, const Source& src, int kt, int tid, bool valid) {
+        kt = valid ? kt : 0;  // an address inside the tensors all the same
+        cp_async16(&r.a[0][0] + tid, src.a + (size_t)kt * 32 * 4, valid);
+        cp_async16(&r.b[0][0] + tid, src.b + (size_t)kt * 8 * 32 * 4, valid);
+        if (tid < 48) {
+            u8* dst = tid < 32 ? (u8*)&r.as[4 * tid] : (u8*)&r.ws[8 * (tid - 32)];
+            cp_async16(dst, src.scales + (size_t)kt * src.scale_stride, valid);
         }
     }
 
@@ -177,8 +198,7 @@ template <class T, bool UNSIGNED_A> struct Kernel2Wgmma {
     }
 
     // One 64-column step kt, P = kt & 1 (see "Pipeline" above).
-    template <int P> static DEVICE void step(State& st, Smem& sm, const Args& p, int mb, int nb, int kt, int steps,
-                                             int tid) {
+    template <int P> static DEVICE void step(State& st, Smem& sm, const Source& src, int kt, int steps, int tid) {
         const int wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31;
         ptx_wgmma_fence();
 #pragma unroll
@@ -191,7 +211,7 @@ template <class T, bool UNSIGNED_A> struct Kernel2Wgmma {
         const Raw& next = sm.raw[(kt + 1) % RAW_STAGES];
         expand(sm.op[1 - P], next, tid);
         load_a<1 - P>(st, next, wg, w, lane);
-        load_raw(sm.raw[kt % RAW_STAGES], p, mb, nb, kt + RAW_STAGES, tid, kt + RAW_STAGES < steps);
+        load_raw(sm.raw[kt % RAW_STAGES], src, kt + RAW_STAGES, tid, kt + RAW_STAGES < steps);
         cp_async_commit();
         ptx_wgmma_wait<0>();
         ptx_hold(st.psum);
@@ -229,8 +249,9 @@ template <class T, bool UNSIGNED_A> struct Kernel2Wgmma {
 #pragma unroll
             for (int e = 0; e < 4; e++) st.acc[j][e] = 0.0f;
 #pragma unroll
+        const Source src = source(p, mb, nb, tid);
         for (int s = 0; s < RAW_STAGES; s++) {
-            load_raw(sm.raw[s], p, mb, nb, s, tid, s < steps);
+            load_raw(sm.raw[s], src, s, tid, s < steps);
             cp_async_commit();
         }
         branch_up(st, p, mb, nb, wg, w, lane);  // independent of the main sum: while the first steps load
@@ -246,8 +267,8 @@ template <class T, bool UNSIGNED_A> struct Kernel2Wgmma {
 
         // K is a multiple of 128 (packing.TILE): an even number of steps, taken in pairs.
         for (int kt = 0; kt < steps; kt += 2) {
-            step<0>(st, sm, p, mb, nb, kt, steps, tid);
-            step<1>(st, sm, p, mb, nb, kt + 1, steps, tid);
+            step<0>(st, sm, src, kt, steps, tid);
+            step<1>(st, sm, src, kt + 1, steps, tid);
         }
 
         // Epilogue: bias, round to 16 bits, store rows < M and columns < N_out. Bias is a packed vector:
