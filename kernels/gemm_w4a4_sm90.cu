@@ -198,20 +198,28 @@ template <class T, bool UNSIGNED_A> struct Kernel2Wgmma {
     }
 
     // One 64-column step kt, P = kt & 1 (see "Pipeline" above).
-    template <int P> static DEVICE void step(State& st, Smem& sm, const Source& src, int kt, int steps, int tid) {
+    // desc0 describes sm.op[0].b[0]; the other three operands are fixed offsets from it (the start address
+    // is the descriptor's low field, in 16-byte units, and shared memory ends far below its 256 KB reach).
+    // slot = kt % RAW_STAGES, advanced here (a select, not a division).
+    template <int P> static DEVICE void step(State& st, Smem& sm, const Source& src, unsigned long long desc0,
+                                             int kt, int& slot, int steps, int tid) {
         const int wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31;
         ptx_wgmma_fence();
 #pragma unroll
-        for (int s = 0; s < 2; s++)
-            ptx_wgmma_m64n128k32_s8<UNSIGNED_A>(st.psum, st.a[P][s], ptx_smem_desc(&sm.op[P].b[s], LBO, SBO));
+        for (int s = 0; s < 2; s++) {
+            constexpr unsigned long long operand = sizeof(Operand) / 16, half = sizeof(Operand::b[0]) / 16;
+            ptx_wgmma_m64n128k32_s8<UNSIGNED_A>(st.psum, st.a[P][s], desc0 + P * operand + s * half);
+        }
         ptx_wgmma_commit();
         // While the tensor core runs: operand and A fragments of step kt+1 (after the last step, of stale data
-        // nobody reads: the loop stays free of branches). Operand buffer 1 - P and raw buffer kt % 3 were last
+        // nobody reads: the loop stays free of branches). Operand buffer 1 - P and raw buffer `slot` were last
         // read in step kt-1, before its closing barrier.
-        const Raw& next = sm.raw[(kt + 1) % RAW_STAGES];
+        const int next_slot = slot == RAW_STAGES - 1 ? 0 : slot + 1;
+        const Raw& next = sm.raw[next_slot];
         expand(sm.op[1 - P], next, tid);
         load_a<1 - P>(st, next, wg, w, lane);
-        load_raw(sm.raw[kt % RAW_STAGES], src, kt + RAW_STAGES, tid, kt + RAW_STAGES < steps);
+        load_raw(sm.raw[slot], src, kt + RAW_STAGES, tid, kt + RAW_STAGES < steps);
+        slot = next_slot;
         cp_async_commit();
         ptx_wgmma_wait<0>();
         ptx_hold(st.psum);
@@ -265,10 +273,12 @@ template <class T, bool UNSIGNED_A> struct Kernel2Wgmma {
         cp_async_wait<RAW_STAGES - 2>();
         __syncthreads();
 
+        const unsigned long long desc0 = ptx_smem_desc(&sm.op[0].b[0], LBO, SBO);
         // K is a multiple of 128 (packing.TILE): an even number of steps, taken in pairs.
+        int slot = 0;
         for (int kt = 0; kt < steps; kt += 2) {
-            step<0>(st, sm, src, kt, steps, tid);
-            step<1>(st, sm, src, kt + 1, steps, tid);
+            step<0>(st, sm, src, desc0, kt, slot, steps, tid);
+            step<1>(st, sm, src, desc0, kt + 1, slot, steps, tid);
         }
 
         // Epilogue: bias, round to 16 bits, store rows < M and columns < N_out. Bias is a packed vector:
