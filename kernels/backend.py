@@ -16,6 +16,7 @@ allocates its output and one workspace, fills in their addresses and the input's
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -37,6 +38,12 @@ _MAX_PLANS = 4096  # a FLUX model has ~500 quantized layers, each seeing a few i
 Launch = tuple  # (kernel name, grid (x, y, z), threads per block, arguments)
 _noted: set[str] = set()
 _last_choice: str | None = None
+# Opt-in: INT4 kernel 2 on wgmma (gemm_w4a4_sm90.cu) on sm_90 GPUs (H100, H200). Off by default until it is
+# measured faster than the mma.sync kernel there; set to 1 before starting ComfyUI, or call use_wgmma.
+WGMMA_SETTING = "SVDQUANT_WGMMA"
+_wgmma = os.environ.get(WGMMA_SETTING, "0") == "1"
+_WGMMA_PREFIX = "svdq_gemm_wgmma_"
+_wgmma_modules: dict[int, object] = {}  # device index → the loaded wgmma module
 
 
 class _Slot(str):
@@ -143,9 +150,19 @@ def _dtype_name(layer: torch.nn.Module) -> str:
     return "bf16" if layer.compute_dtype == torch.bfloat16 else "fp16"
 
 
-def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int) -> tuple[list[Launch], tuple[int, int, int]]:
+def use_wgmma(on: bool) -> None:
+    """Run INT4 kernel 2 on wgmma where the GPU is sm_90 (what SVDQUANT_WGMMA=1 sets at import); plans made
+    before are dropped."""
+    global _wgmma
+    _wgmma = on
+    _plans.clear()
+
+
+def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int,
+                   wgmma: bool = False) -> tuple[list[Launch], tuple[int, int, int]]:
     """Kernel 1 and kernel 2 of a W4A4 forward of ``m`` rows (arguments: weight tensors, None, ints and
-    the per-call slots), and the workspace words they share (codes, ascales, lora_act)."""
+    the per-call slots), and the workspace words they share (codes, ascales, lora_act). ``wgmma``: kernel 2
+    of an INT4 layer is gemm_w4a4_sm90.cu's (same arguments, grid and block)."""
     np_, kp, rank = layer.qweight.shape[0], layer.qweight.shape[1] * 2, layer.rank
     mp = packing.round_up(m, _ROW_TILE)
     nvfp4 = layer.precision == "nvfp4"
@@ -154,7 +171,7 @@ def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int) -> tuple[l
     return [
         (f"svdq_quantize_{suffix}", (mp // 16, 1, max(1, -(-rank // 64))), 128,
          [X, layer.smooth_factor, layer.proj_down, CODES, ASCALES, LORA_ACT, m, ldx, kx, kp, rank, mp]),
-        (f"svdq_gemm_{suffix}", (np_ // 128, mp // _ROW_TILE, 1), 256,
+        (f"{_WGMMA_PREFIX if wgmma and not nvfp4 else 'svdq_gemm_'}{suffix}", (np_ // 128, mp // _ROW_TILE, 1), 256,
          [CODES, ASCALES, layer.qweight, layer.wscales, LORA_ACT, layer.proj_up, layer.bias,
           layer.wcscales if nvfp4 else None, layer.wtscale if nvfp4 else None, Y, m, layer.out_features, kp, rank,
           mp]),
@@ -178,12 +195,13 @@ def _readable(launches: list[Launch], values: dict[_Slot, torch.Tensor]) -> list
                                  else a for a in args]) for name, grid, block, args in launches]
 
 
-def plan_w4a4(layer: torch.nn.Module, x: torch.Tensor,
-              out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Launch]]:
+def plan_w4a4(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = None,
+              wgmma: bool = False) -> tuple[torch.Tensor, list[Launch]]:
     """The output and the two launches (kernel 1, kernel 2) of a W4A4 forward of a 2-D input with at least
-    one row, with tensors (device pointers), None (null) and ints as arguments (tests, benchmarks)."""
+    one row, with tensors (device pointers), None (null) and ints as arguments (tests, benchmarks).
+    ``wgmma``: kernel 2 of an INT4 layer on wgmma (sm_90a; :func:`kernel_function` finds it)."""
     x, ldx, kx = _input(x, layer)
-    launches, words = _w4a4_launches(layer, x.shape[0], ldx, kx)
+    launches, words = _w4a4_launches(layer, x.shape[0], ldx, kx, wgmma)
     codes, ascales, lora_act = _workspaces(words, x.device)
     y = _output(out, x.shape[0], layer.out_features, x)
     return y, _readable(launches, {X: x, Y: y, CODES: codes, ASCALES: ascales, LORA_ACT: lora_act})
@@ -210,6 +228,23 @@ def _pack(arg: object, keep: list[torch.Tensor]) -> object:
     return runtime.packed(arg)
 
 
+def kernel_function(device: runtime.Device, family: str, name: str):
+    """The loaded kernel ``name`` of ``family`` on ``device``; the wgmma kernel 2 comes from its own module,
+    built on first use, and on a GPU other than sm_90 its mma.sync twin runs instead (said once)."""
+    if name.startswith(_WGMMA_PREFIX):
+        if device.capability == build.capability_of(build.WGMMA_ARCH):
+            module = _wgmma_modules.get(device.index)
+            if module is None:
+                module = _wgmma_modules[device.index] = device.variant(build.WGMMA, [])
+            return module.get_function(name).kernel
+        if WGMMA_SETTING not in _noted:
+            _noted.add(WGMMA_SETTING)
+            log.info("SVDQuant: %s=1 applies to sm_90 GPUs (H100, H200); %s runs the mma.sync kernel 2",
+                     WGMMA_SETTING, device.name)
+        name = "svdq_gemm_" + name.removeprefix(_WGMMA_PREFIX)
+    return device.function(family, name)
+
+
 def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, launches: list[Launch],
                workspace: tuple[int, int, int] | None) -> _Plan | str:
     problem = compute_dtype_problem(layer)
@@ -226,7 +261,8 @@ def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, 
     if device is None:
         return f"{what}: no kernel on cuda:{x.device.index}"
     keep: list[torch.Tensor] = []
-    packed = tuple(runtime.prepare(device.function(family, name), grid, block, tuple(_pack(a, keep) for a in args),
+    packed = tuple(runtime.prepare(kernel_function(device, family, name), grid, block,
+                                   tuple(_pack(a, keep) for a in args),
                                    tuple((i, _SLOTS.index(a)) for i, a in enumerate(args) if isinstance(a, _Slot)))
                    for name, grid, block, args in launches)
     words = workspace or (0,)
@@ -294,7 +330,8 @@ def w4a4(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = Non
     plan = _plans.get(key)
     if plan is None:
         family = layer.precision  # "int4" | "nvfp4"
-        plan = _cached(key, _make_plan(layer, x, family, f"{family} W4A4 layers", *_w4a4_launches(layer, m, ldx, kx)))
+        plan = _cached(key, _make_plan(layer, x, family, f"{family} W4A4 layers",
+                                       *_w4a4_launches(layer, m, ldx, kx, _wgmma)))
     if plan.__class__ is str:
         return None
     y = _output(out, m, layer.out_features, x)

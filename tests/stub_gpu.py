@@ -53,13 +53,6 @@ class DriverError(Exception):
         self.status = status
 
 
-@dataclass
-class StubGpu:
-    device: runtime.Device
-    launches: list[tuple[str, tuple, int, tuple]] = field(default_factory=list)  # (name, grid, block, args)
-    fail: Exception | None = None  # raised by the next launches instead of recording them
-
-
 class _Kernel:
     """A kernel function: its handle, and its argument count as its source declares it."""
 
@@ -72,6 +65,24 @@ def _arity(source: str) -> int:
     text = (KERNELS / source).read_text()
     params = re.search(r'extern "C" __global__ void.*?\bNAME\(([^)]*)\)', text, re.S).group(1)
     return params.count(",") + 1
+
+
+# Arguments per kernel, by name prefix: svdq_quantize_*, svdq_gemm_* (the wgmma kernel 2 takes the same), …
+_ARITY = {unit.kernel_prefix: _arity(unit.source) for units in build.FAMILIES.values() for unit in units}
+
+
+@dataclass
+class StubGpu:
+    device: runtime.Device
+    launches: list[tuple[str, tuple, int, tuple]] = field(default_factory=list)  # (name, grid, block, args)
+    fail: Exception | None = None  # raised by the next launches instead of recording them
+    kernels: dict[int, _Kernel] = field(default_factory=dict)  # handle → function
+
+    def kernel(self, name: str) -> _Kernel:
+        """A kernel function whose launches are recorded, e.g. of a module built as a variant."""
+        made = _Kernel(name, 0x1000 + len(self.kernels), _ARITY[name[:name.index("_", 5)]])
+        self.kernels[made.ptr] = made
+        return made
 
 
 def _launcher(gpu: StubGpu, kernels: dict[int, _Kernel], record: bool):
@@ -105,14 +116,11 @@ def stub_gpu(capability: tuple[int, int] = (12, 0), record: bool = True) -> Iter
             device.unsupported[family] = why
         else:
             device._modules[family] = []
-    arity = {unit.kernel_prefix: _arity(unit.source) for units in build.FAMILIES.values() for unit in units}
-    kernels = {ptr: _Kernel(name, ptr, arity[name[:name.index("_", 5)]])
-               for ptr, name in enumerate(_kernel_names(), start=0x1000)}
-    device._functions.update({kernel.name: kernel for kernel in kernels.values()})
+    device._functions.update({name: gpu.kernel(name) for name in _kernel_names()})
     cupy = types.ModuleType("cupy")
     cupy.cuda = types.SimpleNamespace(Device=lambda index: contextlib.nullcontext(),
                                       driver=types.SimpleNamespace(CUDADriverError=DriverError,
-                                                                   launchKernel=_launcher(gpu, kernels, record)),
+                                                                   launchKernel=_launcher(gpu, gpu.kernels, record)),
                                       runtime=types.SimpleNamespace(getDevice=lambda: 0, setDevice=lambda index: None))
     # torch's stream queries (a CPU build of torch has none): one stream, never capturing
     streams = {"_cuda_getCurrentRawStream": lambda index: 0, "_cuda_isCurrentStreamCapturing": lambda: False}

@@ -47,6 +47,8 @@ HARNESS = r"""
     X(svdq_quantize_uint4_fp16) X(svdq_quantize_nvfp4_bf16) X(svdq_quantize_nvfp4_fp16)                   \
     Y(svdq_gemm_int4_bf16) Y(svdq_gemm_int4_fp16) Y(svdq_gemm_uint4_bf16) Y(svdq_gemm_uint4_fp16)        \
     Y(svdq_gemm_nvfp4_bf16) Y(svdq_gemm_nvfp4_fp16)                                                      \
+    Y(svdq_gemm_wgmma_int4_bf16) Y(svdq_gemm_wgmma_int4_fp16) Y(svdq_gemm_wgmma_uint4_bf16)              \
+    Y(svdq_gemm_wgmma_uint4_fp16)                                                                        \
     Z(svdq_gemv_w4a16_bf16_m1) Z(svdq_gemv_w4a16_bf16_m2) Z(svdq_gemv_w4a16_bf16_m4)                     \
     Z(svdq_gemv_w4a16_fp16_m1) Z(svdq_gemv_w4a16_fp16_m2) Z(svdq_gemv_w4a16_fp16_m4)
 KERNELS(Q, G, V)
@@ -85,7 +87,7 @@ def emulators(tmp_path_factory):
     if CXX is None or not sys.platform.startswith("linux"):
         pytest.skip("the kernel emulation needs g++ (C++17) and Linux (ucontext)")
     root = tmp_path_factory.mktemp("emulated_kernels")
-    for name in ("quantize.cu", "gemm_w4a4.cu", "gemv_w4a16.cu", "common.cuh"):
+    for name in ("quantize.cu", "gemm_w4a4.cu", "gemm_w4a4_sm90.cu", "gemv_w4a16.cu", "common.cuh"):
         shutil.copy(KERNELS / name, root / name)
     (root / "ptx.cuh").write_text(f'#include "{KERNELS / "host_ptx.h"}"\n')
     (root / "harness.cpp").write_text(HARNESS)
@@ -95,9 +97,12 @@ def emulators(tmp_path_factory):
         if arch not in built:
             lib = root / f"emulated_{arch}.so"
             families = ["-DSVDQ_FAMILY_INT4"] + (["-DSVDQ_FAMILY_NVFP4"] if arch >= 1200 else [])
+            if arch == 900:  # CI builds sm_90a: the arch-specific target's wgmma kernel is there too
+                families.append("-D__CUDA_ARCH_FEAT_SM90_ALL")
             cmd = [CXX, "-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
                    "-Wno-unknown-pragmas", f"-D__CUDA_ARCH__={arch}", *families, "-x", "c++",
-                   *[str(root / f) for f in ("quantize.cu", "gemm_w4a4.cu", "gemv_w4a16.cu", "harness.cpp")],
+                   *[str(root / f) for f in ("quantize.cu", "gemm_w4a4.cu", "gemm_w4a4_sm90.cu", "gemv_w4a16.cu",
+                                             "harness.cpp")],
                    "-o", str(lib)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr[-4000:]
@@ -207,3 +212,31 @@ def test_w4a4_kernels_read_a_column_view_in_place(emulators, arch, precision):
     assert launches[0][3][0] is x and launches[0][3][7] == 640  # the view itself and its row stride
     execute(emulators(arch), launches)
     assert relative_error(y, layer.reference_forward(x.contiguous())) < 1e-3
+
+
+WGMMA_CASES = [  # (precision dtype, unsigned, k, n, rank, m): FLUX-like slices with small M, then the edges
+    (torch.bfloat16, False, 3072, 256, 32, 256),  # FLUX's K and rank: 48 steps, 2 x 2 CTAs
+    (torch.float16, True, 3072, 128, 32, 128),    # unsigned activations (after a GELU): the u8 x s8 wgmma
+    (torch.bfloat16, False, 256, 129, 16, 33),    # padded rows and an odd output width
+    (torch.float16, False, 128, 128, 0, 5),       # one step pair, no branch
+]
+
+
+@pytest.mark.parametrize("dtype,unsigned,k,n,rank,m", WGMMA_CASES)
+def test_wgmma_kernel_matches_the_reference_and_the_mma_kernel(emulators, dtype, unsigned, k, n, rank, m):
+    """gemm_w4a4_sm90.cu (sm_90a, wgmma), emulated with asynchronous wgmma semantics: the reference's numbers,
+    and bit for bit those of the mma.sync kernel it replaces (same group sums, same FMAs in the same order)."""
+    layer = random_w4a4(k, n, rank, "int4", unsigned, dtype, seed=k + n + rank)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x = (torch.nn.functional.gelu(x, approximate="tanh") if unsigned else x).to(dtype)
+    outputs = []
+    for wgmma in (True, True, False):
+        out = torch.full((m, n), float("nan"), dtype=dtype)
+        y, launches = backend.plan_w4a4(layer, x, out, wgmma=wgmma)
+        assert launches[1][0].startswith("svdq_gemm_wgmma_") == wgmma
+        execute(emulators(900), launches)
+        outputs.append(y)
+    assert not torch.isnan(outputs[0]).any()
+    assert relative_error(outputs[0], layer.reference_forward(x)) < 1e-3
+    assert torch.equal(outputs[0].view(torch.int16), outputs[1].view(torch.int16))  # repeatable
+    assert torch.equal(outputs[0].view(torch.int16), outputs[2].view(torch.int16))  # = the mma.sync kernel

@@ -213,3 +213,36 @@ def test_a_flux_block_captured_in_a_cuda_graph_replays_bit_exact():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, block(x, vec))
+
+
+# --- the opt-in wgmma kernel 2 (sm_90a: H100, H200) ---
+
+WGMMA_CASES = [(k, n, m, "int4") for k, n in FLUX for m in (4608, 512)] + [
+    (12288, 3072, 4608, "uint4"), (15360, 3072, 4608, "uint4")]  # FLUX's post-GELU inputs: fc2, linear2
+
+
+@pytest.fixture
+def wgmma_dispatch():
+    backend.use_wgmma(True)
+    yield
+    backend.use_wgmma(False)
+
+
+@pytest.mark.skipif(CAPABILITY != (9, 0), reason="the wgmma kernel 2 is built for sm_90a (H100, H200) only")
+@pytest.mark.parametrize("k,n,m,mode", WGMMA_CASES)
+def test_wgmma_kernel_at_flux_shapes(wgmma_dispatch, k, n, m, mode):
+    """SVDQUANT_WGMMA=1 at every FLUX.1 shape (M = 4608 and 512): within 1e-2 of the reference, bitwise
+    repeatable, and bit for bit the mma.sync kernel's output (the same integer sums and FMAs); the direct
+    launch of the wgmma function gives the same bits as the dispatcher, so the opt-in path really ran it."""
+    layer = _layer(k, n, 32, mode, torch.bfloat16)
+    x = _input(m, k, mode, torch.bfloat16, seed=m + k)
+    _check("w4a4", layer, x)  # through backend.w4a4 with the wgmma plan: error, no NaN, repeatable
+    dispatched = _run("w4a4", layer, x)
+    y, ((quantize, *launch1), (gemm, *launch2)) = backend.plan_w4a4(layer, x, wgmma=True)
+    device = runtime.probe(DEVICE.index)
+    y.fill_(float("nan"))
+    device.launch("int4", quantize, *launch1)
+    device.launch_function(backend.kernel_function(device, "int4", gemm), *launch2)
+    assert torch.equal(y, dispatched)
+    backend.use_wgmma(False)
+    assert torch.equal(_run("w4a4", layer, x), dispatched)
