@@ -8,8 +8,10 @@ which builds its blocks with ``scale_shift=0`` and loads the file strictly): dif
 tensor; ``attn.to_qkv`` / ``attn.add_qkv_proj`` fuse q, k and v; ``img_mod.1`` / ``txt_mod.1`` are AWQ
 W4A16 with six interleaved chunks; ``attn.to_out.0``, ``attn.to_add_out`` and the MLPs' ``net.0.proj`` /
 ``net.2`` are W4A4 (``net.2`` reads a GELU output: unsigned INT4 activations); W4A4 leaves carry the python
-names (``proj_down``, ``smooth_factor`` …); everything else is 16-bit under its own name. The metadata is
-``config`` (the diffusers config), ``model_class`` and ``quantization_config``.
+names (``proj_down``, ``smooth_factor`` …); W4A16 scales and zeros are (K/64, N) as ``AWQW4A16Linear`` holds
+them (the C++ engine's files pad the group count to a multiple of 16; equal at Qwen-Image's width);
+everything else is 16-bit under its own name. The metadata is ``config`` (the diffusers config),
+``model_class`` and ``quantization_config``.
 
 Returns, for every quantized ComfyUI Linear, the fp32 (weight, bias) the file's tensors reconstruct.
 """
@@ -52,7 +54,10 @@ def qwen_checkpoint(model, path: str | Path, precision: str = "int4", rank: int 
     for i in range(blocks):
         b = f"transformer_blocks.{i}"
         for local in ("img_mod.1", "txt_mod.1"):
-            layer_tensors, w, bias = w4a16(*get(f"{b}.{local}"), 6, dtype, faults)
+            weight, bias = get(f"{b}.{local}")
+            layer_tensors, w, bias = w4a16(weight, bias, 6, dtype, faults)
+            for name in ("wscales", "wzeros"):  # AWQW4A16Linear holds (K/64, N): no group padding
+                layer_tensors[name] = layer_tensors[name][: weight.shape[1] // 64]
             put(f"{b}.{local}", layer_tensors)
             expected[f"{b}.{local}"] = (w, bias)
         for fused, names in QKV.items():
