@@ -1,0 +1,113 @@
+"""SVDQuant Z-Image-Turbo on ComfyUI's own NextDiT (``supported_models.ZImage``): the authors' files
+(written by tests/zimage_fixture.py from a dense tiny Z-Image, independently of our writer) through the
+loader node, and back out through our writer. ComfyUI versions without Z-Image skip, saying so."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny_zimage import TINY_ZIMAGE, tiny_zimage, zimage_inputs
+from zimage_fixture import zimage_checkpoint
+
+from nunchaku_fixture import quantization_config
+from tiny_models import mapping_errors, relative_error
+
+EXACT = 1e-5  # fp32 rounding of the same 16-bit tensors, as for FLUX
+MODEL_TOLERANCE = 0.25  # 4-bit activations through 6 blocks of a 256-wide model; measured 0.10-0.13
+
+
+@pytest.fixture(scope="module")
+def zimage_comfy(comfy):
+    import comfy.supported_models
+
+    if not hasattr(comfy.supported_models, "ZImage"):
+        from comfyui_svdquant.loaders.compat import version
+
+        pytest.skip(f"ComfyUI {'.'.join(map(str, version() or ()))} has no Z-Image (supported_models.ZImage, "
+                    "comfy/ldm/lumina with z_image_modulation: ComfyUI 0.8.0 and newer)")
+    return comfy
+
+
+@pytest.fixture(scope="module")
+def dense(zimage_comfy):
+    return tiny_zimage(seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(dense):
+    inputs = zimage_inputs(3)
+    with torch.no_grad():
+        return inputs, dense.diffusion_model(**inputs)
+
+
+def load_node(name: str):
+    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
+
+    (patcher,) = SVDQuantModelLoader.execute(name, "bfloat16", "torch").args
+    return patcher
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("rank", [128, 256])
+def test_published_file_loads_through_the_loader_node(dense, reference, model_folders, precision, rank):
+    import comfy.supported_models
+    from comfy.ldm.lumina.model import NextDiT
+
+    from comfyui_svdquant.loaders.load import architecture_of
+
+    name = f"svdq-{'fp4' if precision == 'nvfp4' else precision}_r{rank}-tiny-z-image-turbo.safetensors"
+    expected = zimage_checkpoint(dense, model_folders["diffusion_models"] / name, precision=precision, rank=rank)
+    patcher = load_node(name)
+    dm = patcher.model.diffusion_model
+    assert type(dm) is NextDiT and type(patcher.model.model_config) is comfy.supported_models.ZImage
+    assert architecture_of(dm)[1] == TINY_ZIMAGE  # the shape came from the file's tensors and config
+    assert max(mapping_errors(patcher.model, expected).values()) < EXACT
+    # ComfyUI's separate w1 / w3 are row slices of the file's fused net.0.proj: one input side, one branch
+    ff = dm.layers[1].feed_forward
+    w1, w3 = ff.w1.quantized, ff.w3.quantized
+    assert torch.equal(w1.smooth_factor, w3.smooth_factor) and torch.equal(w1.proj_down, w3.proj_down)
+    assert w1.rank == rank and w1.precision == precision and w1.bias is None
+    inputs, want = reference
+    with torch.no_grad():
+        assert relative_error(dm(**inputs), want) < MODEL_TOLERANCE
+
+
+def test_gate_and_value_halves_are_checked(dense, tmp_path):
+    """A file whose fused feed-forward holds w1 ‖ w3 (gate first): w1 and w3 no longer match, the rest does."""
+    from comfyui_svdquant.loaders.load import load_checkpoint
+
+    expected = zimage_checkpoint(dense, tmp_path / "swapped.safetensors", faults={"swap_w13"})
+    errors = mapping_errors(load_checkpoint(tmp_path / "swapped.safetensors", "bfloat16", "torch").model, expected)
+    for name, error in errors.items():
+        assert (error > 0.1) if name.endswith(("feed_forward.w1", "feed_forward.w3")) else (error < EXACT), name
+
+
+def test_file_with_16_bit_refiners_is_refused_naming_it(dense, tmp_path):
+    from comfyui_svdquant.loaders.load import load_checkpoint
+    from comfyui_svdquant.svdquant.errors import CheckpointError
+
+    path = tmp_path / "skip.safetensors"
+    zimage_checkpoint(dense, path)
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if "refiner" not in k or ".attention.to_qkv." not in k}
+        metadata = f.metadata()
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match="skip.safetensors.*refiner blocks are 16-bit"):
+        load_checkpoint(path, "bfloat16", "torch")
+
+
+def test_old_comfyui_gets_a_message_naming_the_version_needed(comfy, tmp_path):
+    import comfy.supported_models
+
+    from comfyui_svdquant.loaders.load import load_checkpoint
+    from comfyui_svdquant.svdquant.errors import SVDQuantError
+
+    if hasattr(comfy.supported_models, "ZImage"):
+        pytest.skip("this ComfyUI has Z-Image: the message is for versions without it (v0.3.64)")
+    path = tmp_path / "svdq-int4_r32-z-image-turbo.safetensors"
+    save_file({"layers.0.attention.to_qkv.qweight": torch.zeros(384, 64, dtype=torch.int8),
+               "cap_embedder.1.weight": torch.zeros(256, 64, dtype=torch.bfloat16)}, str(path),
+              metadata={"model_class": "NunchakuZImageTransformer2DModel",
+                        "quantization_config": quantization_config("int4", 32)})
+    with pytest.raises(SVDQuantError, match="Z-Image model, which needs ComfyUI 0.8.0 or newer"):
+        load_checkpoint(path, "bfloat16", "torch")
