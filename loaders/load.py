@@ -27,6 +27,7 @@ from .flux import FluxArchitecture
 from .ops import SVDQuantOps
 from .patcher import SVDQuantModelPatcher
 from .sdxl import SDXLArchitecture
+from .zimage import ZImageArchitecture
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ ARCHITECTURES: list[Architecture] = [FluxArchitecture(), FluxArchitecture("pytho
 def register(architecture: Architecture) -> None:
     if all(a.name != architecture.name for a in ARCHITECTURES):
         ARCHITECTURES.append(architecture)
+
+
+register(ZImageArchitecture())
 
 
 def detect(reader: CheckpointReader) -> Architecture:
