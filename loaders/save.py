@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from ..svdquant.checkpoint import QuantizationInfo, write_checkpoint
+from ..svdquant.checkpoint import PYTHON_NAMES, QuantizationInfo, write_checkpoint
 from ..svdquant.errors import SVDQuantError
 from ..svdquant.layers import W4A4Linear
 from . import dense_layers, parts
@@ -33,6 +33,8 @@ def checkpoint_tensors(diffusion_model: nn.Module) -> tuple[dict[str, torch.Tens
     if not leaves:
         raise SVDQuantError("the model has no SVDQuant layers; quantize it before saving it")
     tensors = parts.checkpoint_tensors(bodies)
+    if getattr(architecture, "leaf_names", "cpp") == "python":  # files of nunchaku's python backend (Z-Image)
+        tensors = {_python_leaf(key): value for key, value in tensors.items()}
     precisions, ranks = {m.precision for m in leaves}, {m.rank for m in leaves}
     if len(precisions) != 1 or len(ranks) != 1:
         raise SVDQuantError(f"a checkpoint holds one precision and one rank; this model mixes {sorted(precisions)} "
@@ -45,6 +47,11 @@ def checkpoint_tensors(diffusion_model: nn.Module) -> tuple[dict[str, torch.Tens
         tensors[file_key] = tensor.to(storage) if tensor.is_floating_point() else tensor
     metadata = architecture.metadata(unet_config, QuantizationInfo(precisions.pop(), ranks.pop()))
     return tensors, metadata
+
+
+def _python_leaf(key: str) -> str:
+    prefix, _, leaf = key.rpartition(".")
+    return f"{prefix}.{PYTHON_NAMES.get(leaf, leaf)}"
 
 
 def save_checkpoint(diffusion_model: nn.Module, path: str | os.PathLike,
