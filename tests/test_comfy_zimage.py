@@ -2,6 +2,8 @@
 (written by tests/zimage_fixture.py from a dense tiny Z-Image, independently of our writer) through the
 loader node, and back out through our writer. ComfyUI versions without Z-Image skip, saying so."""
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -10,7 +12,7 @@ from tiny_zimage import TINY_ZIMAGE, tiny_zimage, zimage_inputs
 from zimage_fixture import zimage_checkpoint
 
 from nunchaku_fixture import quantization_config
-from tiny_models import mapping_errors, relative_error
+from tiny_models import mapping_errors, quantize, relative_error
 
 EXACT = 1e-5  # fp32 rounding of the same 16-bit tensors, as for FLUX
 MODEL_TOLERANCE = 0.25  # 4-bit activations through 6 blocks of a 256-wide model; measured 0.10-0.13
@@ -111,3 +113,55 @@ def test_old_comfyui_gets_a_message_naming_the_version_needed(comfy, tmp_path):
                         "quantization_config": quantization_config("int4", 32)})
     with pytest.raises(SVDQuantError, match="Z-Image model, which needs ComfyUI 0.8.0 or newer"):
         load_checkpoint(path, "bfloat16", "torch")
+
+
+def published_keys(path) -> set[str]:
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_saved_file_is_the_published_file(dense, reference, tmp_path, precision):
+    """Load the authors' file, save it with our writer: the same tensors, byte for byte (w1 / w3 joined back
+    into the fused net.0.proj), python leaf names, and metadata the authors' loaders read."""
+    from comfyui_svdquant.loaders.load import load_checkpoint
+    from comfyui_svdquant.loaders.save import save_checkpoint
+
+    zimage_checkpoint(dense, tmp_path / "published.safetensors", precision=precision, rank=128)
+    model = load_checkpoint(tmp_path / "published.safetensors", "bfloat16", "torch").model
+    save_checkpoint(model.diffusion_model, tmp_path / "ours.safetensors")
+    with safe_open(str(tmp_path / "published.safetensors"), "pt") as theirs, \
+            safe_open(str(tmp_path / "ours.safetensors"), "pt") as ours:
+        assert set(ours.keys()) == set(theirs.keys())
+        assert "layers.0.feed_forward.net.0.proj.proj_down" in ours.keys()
+        for key in ours.keys():
+            a, b = theirs.get_tensor(key), ours.get_tensor(key)
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key
+        metadata, published = ours.metadata(), theirs.metadata()
+    assert metadata["model_class"] == "NunchakuZImageTransformer2DModel"
+    assert json.loads(metadata["quantization_config"]) == json.loads(published["quantization_config"])
+    assert json.loads(metadata["config"]) == json.loads(published["config"])  # the diffusers config
+    inputs, _ = reference
+    again = load_checkpoint(tmp_path / "ours.safetensors", "bfloat16", "torch").model
+    with torch.no_grad():
+        assert torch.equal(again.diffusion_model(**inputs), model.diffusion_model(**inputs))
+
+
+def test_quantized_model_saves_in_the_published_layout(dense, reference, model_folders):
+    """Our quantizer's Z-Image: w1 / w3 quantized as the one fused layer the format stores (one smoothing,
+    one branch), saved as the authors' layout and loaded back through the node unchanged."""
+    from comfyui_svdquant.loaders.save import save_checkpoint
+    from comfyui_svdquant.svdquant.quantizer import QuantizeConfig
+
+    calls = [lambda s=s: dense.diffusion_model(**zimage_inputs(s)) for s in range(2)]
+    model = quantize(dense, calls, QuantizeConfig(rank=32, smooth_grid=(0.5,), svd_rounds=1))
+    ours = model_folders["diffusion_models"] / "ours.safetensors"
+    save_checkpoint(model.diffusion_model, ours)
+    published = model_folders["diffusion_models"] / "published.safetensors"
+    zimage_checkpoint(dense, published, rank=32)
+    assert published_keys(ours) == published_keys(published)
+    inputs, want = reference
+    with torch.no_grad():
+        out = model.diffusion_model(**inputs)
+        assert torch.equal(load_node("ours.safetensors").model.diffusion_model(**inputs), out)
+    assert relative_error(out, want) < MODEL_TOLERANCE
