@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_zimage import TINY_ZIMAGE, tiny_zimage, zimage_inputs
-from zimage_fixture import zimage_checkpoint
 
 from nunchaku_fixture import quantization_config
 from tiny_models import mapping_errors, quantize, relative_error
+from tiny_zimage import TINY_ZIMAGE, tiny_zimage, zimage_inputs
+from zimage_fixture import zimage_checkpoint
 
 EXACT = 1e-5  # fp32 rounding of the same 16-bit tensors, as for FLUX
 MODEL_TOLERANCE = 0.25  # 4-bit activations through 6 blocks of a 256-wide model; measured 0.10-0.13

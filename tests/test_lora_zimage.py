@@ -22,10 +22,10 @@ from test_lora import (
     stack,
     write_lora,
 )
-from tiny_zimage import TINY_ZIMAGE, tiny_zimage, zimage_inputs
-from zimage_fixture import zimage_checkpoint
 
 from tiny_models import relative_error
+from tiny_zimage import TINY_ZIMAGE, tiny_zimage, zimage_inputs
+from zimage_fixture import zimage_checkpoint
 
 D = TINY_ZIMAGE["dim"]
 F = 768  # the feed-forward width NextDiT gives 256 · 8/3

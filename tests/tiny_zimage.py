@@ -51,3 +51,42 @@ def zimage_inputs(seed: int, config: dict | None = None, batch: int = 1, size: i
         "context": torch.randn(batch, tokens, config["cap_feat_dim"], generator=g).to(dtype),
         "num_tokens": tokens,
     }
+
+
+# --- the Z-Image-Turbo workflow's files (tests/tiny_pipeline.py) -----------------------------------------
+
+# Qwen3-4B's layout (ComfyUI's comfy.text_encoders.llama.Qwen3_4B: q/k norms, a fixed 128-wide head) at width
+# 64, its full vocabulary (the tokenizer's ids reach 151645) and three layers (Z-Image reads the second to
+# last). Its width is the tiny Z-Image's cap_feat_dim.
+QWEN3 = {"hidden_size": TINY_ZIMAGE["cap_feat_dim"], "intermediate_size": 128, "num_hidden_layers": 3,
+         "num_attention_heads": 1, "num_key_value_heads": 1}
+
+
+def comfy_has_z_image() -> bool:
+    import comfy.supported_models
+
+    return hasattr(comfy.supported_models, "ZImage")
+
+
+def write_qwen3(path, save, init, sizes: dict = QWEN3, seed: int = 4) -> None:
+    """A Qwen3-4B-architecture text encoder as ``qwen_3_4b.safetensors`` stores it (``save`` and ``init``: the
+    pipeline's writer and weight initialisation). Nothing on a ComfyUI without Z-Image."""
+    if not comfy_has_z_image():
+        return
+    import comfy.ops
+    from comfy.text_encoders.llama import Qwen3_4B
+
+    model = Qwen3_4B(dict(sizes), torch.float32, "cpu", comfy.ops.manual_cast)
+    init(model, seed)
+    save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, path)
+
+
+def write_svdquant_zimage(path, rank: int = 128, seed: int = 3) -> None:
+    """The authors' Z-Image-Turbo file for the tiny Z-Image (tests/zimage_fixture.py). Nothing on a ComfyUI
+    without Z-Image."""
+    if not comfy_has_z_image():
+        return
+    from zimage_fixture import zimage_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    zimage_checkpoint(tiny_zimage(seed), path, rank=rank)
