@@ -28,12 +28,12 @@ from .ops import SVDQuantOps
 from .patcher import SVDQuantModelPatcher
 from .qwen_image import QwenImageArchitecture
 from .sdxl import SDXLArchitecture
+from .zimage import ZImageArchitecture
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURES: list[Architecture] = [
-    FluxArchitecture(), FluxArchitecture("python"), SDXLArchitecture(),
-    QwenImageArchitecture(),
+    FluxArchitecture(), FluxArchitecture("python"), SDXLArchitecture(), QwenImageArchitecture(), ZImageArchitecture(),
 ]
 
 

@@ -51,8 +51,8 @@ def checkpoint_tensors(diffusion_model: nn.Module) -> tuple[dict[str, torch.Tens
 
 def _python_leaf(key: str) -> str:
     """``key`` with its leaf spelled as nunchaku's python modules name their parameters (``proj_down`` …)."""
-    prefix, _, leaf = key.rpartition(".")
-    return f"{prefix}.{PYTHON_NAMES.get(leaf, leaf)}"
+    prefix, dot, leaf = key.rpartition(".")
+    return prefix + dot + PYTHON_NAMES.get(leaf, leaf)
 
 
 def save_checkpoint(diffusion_model: nn.Module, path: str | os.PathLike,

@@ -167,6 +167,8 @@ CASES = [  # (arch, precision, unsigned, dtype, k, n, rank, m)
     (800, "int4", False, torch.float16, 200, 129, 16, 20),    # padded K, odd output width
     (800, "int4", False, torch.bfloat16, 256, 128, 0, 17),    # no branch
     (800, "int4", False, torch.bfloat16, 3072, 128, 32, 17),  # FLUX's K: 12 chunks, 48 pipelined steps
+    (800, "int4", False, torch.bfloat16, 256, 128, 256, 3),   # rank 256 (Z-Image-Turbo r256): 4 CTAs along z
+    (1200, "nvfp4", False, torch.bfloat16, 256, 128, 128, 5),  # rank 128 (the published r128 files)
     (900, "int4", False, torch.bfloat16, 256, 256, 32, 33),
     (900, "int4", True, torch.float16, 256, 128, 48, 9),
     (750, "int4", False, torch.float16, 256, 128, 32, 21),

@@ -1,9 +1,9 @@
 """The fused kernels against the reference layers, on an NVIDIA GPU (skipped, saying why, elsewhere).
 
-Every FLUX.1 and SDXL linear shape, M not a multiple of the 128-row tile, bf16 and fp16, INT4 signed
-and unsigned (and NVFP4 on sm_120/121): relative error ≤ 1e-2 against ``reference_forward``, never
-NaN, outputs poisoned with NaN first, and bitwise identical across runs. Kernel 1's codes and scales
-are compared bit for bit with the core's quantizer.
+Every FLUX.1, SDXL and Z-Image-Turbo linear shape (Z-Image's also at the published ranks 128 and 256), M
+not a multiple of the 128-row tile, bf16 and fp16, INT4 signed and unsigned (and NVFP4 on sm_120/121):
+relative error ≤ 1e-2 against ``reference_forward``, never NaN, outputs poisoned with NaN first, and bitwise
+identical across runs. Kernel 1's codes and scales are compared bit for bit with the core's quantizer.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ DEVICE = torch.device("cuda", torch.cuda.current_device())
 CAPABILITY = torch.cuda.get_device_capability(DEVICE)
 FLUX = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 SDXL = [(640, 640), (640, 5120), (2560, 640), (2048, 640), (1280, 1280), (1280, 10240), (5120, 1280), (2048, 1280)]
+# Z-Image-Turbo (dim 3840): attention.qkv, attention.out, feed_forward.w1 / w3 (each a row slice of the file's
+# fused 3840 → 20480 layer), feed_forward.w2
+ZIMAGE = [(3840, 11520), (3840, 3840), (3840, 10240), (10240, 3840)]
 MODES = ["int4", "uint4", "nvfp4"]
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -85,11 +88,20 @@ def _check(kind: str, layer, x: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("k,n", FLUX + SDXL)
+@pytest.mark.parametrize("k,n", FLUX + SDXL + ZIMAGE)
 def test_w4a4_matches_reference(k, n, mode, dtype):
     _skip_unsupported(mode, dtype)
-    m = 4096 + 77 if (k, n) in FLUX else 1024 + 13
+    m = 1024 + 13 if (k, n) in SDXL else 4096 + 77
     _check("w4a4", _layer(k, n, 32, mode, dtype), _input(m, k, mode, dtype, seed=m))
+
+
+@pytest.mark.parametrize("mode", ["int4", "nvfp4"])
+@pytest.mark.parametrize("rank", [128, 256])  # the published Z-Image-Turbo and Qwen-Image files' ranks
+@pytest.mark.parametrize("k,n", ZIMAGE)
+@pytest.mark.parametrize("m", [7, 4096 + 77])
+def test_w4a4_published_ranks(k, n, rank, mode, m):
+    _skip_unsupported(mode, torch.bfloat16)
+    _check("w4a4", _layer(k, n, rank, mode, torch.bfloat16), _input(m, k, mode, torch.bfloat16, seed=rank + m))
 
 
 @pytest.mark.parametrize("mode", MODES)
