@@ -19,7 +19,10 @@
 // wgmma adds its int32 sum to SVDQ_MAGIC_BITS (common.cuh), so fma(bits, cs, -MAGIC·cs) is the exactly
 // scaled float with no I2F, one more FFMA applies the row scale, and one MOV re-arms the accumulator:
 // 3 instructions per accumulator per group. An exact design cannot drop below that: both scales change
-// with the group, so each (m, n, group) needs its own scaled add.
+// with the group, so each (m, n, group) needs its own scaled add. Counted (docs/BENCHMARKS.md, section 5):
+// 330 instructions per warp and step, 192 of them that floor, against the mma.sync kernel's 329 for the same
+// 64 accumulators per lane; both are issue-bound well below the INT8 peak, so this kernel is not expected to
+// be much faster until a GPU says otherwise.
 //
 // Tiling: CTA tile 128 (m) x 128 (n), 256 threads = 2 warpgroups; warpgroup wg owns rows 64·wg.. and all
 // 128 columns: per 64-column step two m64n128k32 (the even and the odd nibbles of each byte pair, see

@@ -87,6 +87,7 @@ struct Cta {
 };
 
 inline Cta* cta = nullptr;
+inline unsigned cta_serial = 0;  // counts the CTAs run: per-CTA state elsewhere is keyed on it
 inline Fiber* current = nullptr;
 inline ucontext_t scheduler;
 inline uint3 block_index, grid_size, block_size;
@@ -117,6 +118,7 @@ inline bool run_cta(unsigned threads, const std::function<void()>& body) {
     c.slots.assign(c.warps.size() * 32 * SLOT, 0);
     c.body = body;
     cta = &c;
+    cta_serial++;
     for (unsigned i = 0; i < threads; i++) {
         Fiber& f = c.fibers[i];
         f.stack.resize(STACK);
@@ -419,7 +421,7 @@ struct WgmmaThread {
 };
 
 struct Warpgroups {
-    const Cta* owner = nullptr;
+    unsigned owner = 0;  // cta_serial of the CTA this state belongs to
     std::vector<Barrier> barriers;
     std::vector<std::vector<int>> products;  // [warpgroup][64 x 128]
     std::vector<unsigned> tags;              // barrier generation the product was computed for
@@ -436,7 +438,7 @@ inline Warpgroups warpgroups;
 
 inline Warpgroups& warpgroups_of_cta() {
     Warpgroups& w = warpgroups;
-    if (w.owner != cta) {
+    if (w.owner != cta_serial) {
         for (const WgmmaThread& t : w.threads)
             if (!t.ops.empty()) wgmma_abort("the previous CTA ended with wgmma that no wait_group retired");
         const size_t threads = cta->fibers.size();
@@ -446,14 +448,16 @@ inline Warpgroups& warpgroups_of_cta() {
         w.products.assign(threads / 128, std::vector<int>(64 * 128));
         w.tags.assign(threads / 128, ~0u);
         w.threads.assign(threads, WgmmaThread{});
-        w.owner = cta;
+        w.owner = cta_serial;
     }
     return w;
 }
 
 // The emulated shared-memory window: descriptors hold 18-bit addresses, so they are taken relative to a
-// fixed point 128 KB below the first described address (a CTA's shared memory is far smaller than that).
+// point 128 KB below the first address a CTA describes (all of a kernel's shared memory lies within
+// 128 KB of that). Reset for every CTA: each kernel's `__shared__` variables are statics of their own.
 inline uintptr_t shared_window = 0;
+inline unsigned shared_window_owner = 0;  // cta_serial
 
 inline const unsigned char* shared_address(unsigned long long field14) {
     return reinterpret_cast<const unsigned char*>(shared_window + (field14 << 4));
@@ -513,7 +517,10 @@ inline void wgmma_execute(const WgmmaOp& op) {
 
 inline unsigned long long ptx_smem_desc(const void* smem, u32 lbo, u32 sbo) {
     const uintptr_t address = reinterpret_cast<uintptr_t>(smem);
-    if (!emu::shared_window) emu::shared_window = (address & ~uintptr_t(15)) - (128u << 10);
+    if (emu::shared_window_owner != emu::cta_serial) {
+        emu::shared_window = (address & ~uintptr_t(15)) - (128u << 10);
+        emu::shared_window_owner = emu::cta_serial;
+    }
     const uintptr_t offset = address - emu::shared_window;
     if (address % 16 || offset >= (1u << 18)) emu::wgmma_abort("descriptor address unaligned or outside the window");
     return (unsigned long long)(offset >> 4) | (unsigned long long)((lbo & 0x3FFFF) >> 4) << 16 |

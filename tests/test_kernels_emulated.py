@@ -68,12 +68,41 @@ template <class... P> int run(void (*fn)(P...), uint3 grid, unsigned block, cons
     return call(fn, grid, block, a, std::index_sequence_for<P...>{});
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One wgmma m64n128k32 on operands laid out by the caller (tests of the emulated instruction itself): A's
+// registers [thread][4], B's bytes copied to shared memory as they are, described with `lbo` / `sbo`,
+// accumulators [thread][64] in and out; `early` [thread][64] is what the accumulators held between the
+// issue and the wait.
+extern "C" void emu_wgmma_probe(const u32* a, const unsigned char* b, int bytes, int* d, int* early, int ua,
+                                int lbo, int sbo) {
+    __shared__ __align__(128) unsigned char smem[16384];
+    const unsigned tid = threadIdx.x;
+    for (int i = tid; i < bytes; i += 128) smem[i] = b[i];
+    __syncthreads();
+    u32 regs[4];
+    int acc[64];
+    for (int i = 0; i < 4; i++) regs[i] = a[4 * tid + i];
+    for (int i = 0; i < 64; i++) acc[i] = d[64 * tid + i];
+    const unsigned long long desc = ptx_smem_desc(smem, lbo, sbo);
+    ptx_wgmma_fence();
+    if (ua) ptx_wgmma_m64n128k32_s8<true>(acc, regs, desc); else ptx_wgmma_m64n128k32_s8<false>(acc, regs, desc);
+    ptx_wgmma_commit();
+    for (int i = 0; i < 64; i++) early[64 * tid + i] = acc[i];
+    ptx_wgmma_wait<0>();
+    for (int i = 0; i < 64; i++) d[64 * tid + i] = acc[i];
+}
+#define PROBE if (!std::strcmp(kernel, "emu_wgmma_probe")) return run(emu_wgmma_probe, grid, block, args, n);
+#else
+#define PROBE
+#endif
+
 #define RUN(name) if (!std::strcmp(kernel, #name)) return run(name, grid, block, args, n);
 
 extern "C" int emu_run(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned block,
                        const uint64_t* args, int n) {
     const uint3 grid = {gx, gy, gz};
     KERNELS(RUN, RUN, RUN)
+    PROBE
     return 4;  // unknown name
 }
 """
@@ -242,3 +271,40 @@ def test_wgmma_kernel_matches_the_reference_and_the_mma_kernel(emulators, dtype,
     assert relative_error(outputs[0], layer.reference_forward(x)) < 1e-3
     assert torch.equal(outputs[0].view(torch.int16), outputs[1].view(torch.int16))  # repeatable
     assert torch.equal(outputs[0].view(torch.int16), outputs[2].view(torch.int16))  # = the mma.sync kernel
+
+
+@pytest.mark.parametrize("unsigned_a,lbo,sbo", [(False, 128, 256), (True, 2048, 128)])
+def test_emulated_wgmma_follows_the_isa_layouts(emulators, unsigned_a, lbo, sbo):
+    """The emulated instruction against the layouts written out here independently: A's register fragment
+    (CUTLASS's ALayout_64x32: row 16·warp + g + 8·(reg & 1), k 4t + byte + 16·(reg >> 1)), B through a no-swizzle
+    K-major descriptor (core matrices of 8 rows x 16 bytes, LBO steps k by 16, SBO steps n by 8; two layouts),
+    the accumulators (row 16·warp + g + 8·((i >> 1) & 1), column 8·(i >> 2) + 2t + (i & 1)), and the
+    asynchrony: between issue and wait the accumulators still hold their old values."""
+    g = torch.Generator().manual_seed(lbo + sbo)
+    lo, hi = (0, 256) if unsigned_a else (-128, 128)
+    a = torch.randint(lo, hi, (64, 32), generator=g)
+    b = torch.randint(-128, 128, (32, 128), generator=g)
+    d0 = torch.randint(-(2**20), 2**20, (64, 128), generator=g)
+    thread = torch.arange(128)
+    warp, grp, t = thread // 32, thread % 32 // 4, thread % 4
+    regs = torch.zeros(128, 4, dtype=torch.int64)
+    for r in range(4):
+        for byte in range(4):
+            rows, ks = 16 * warp + grp + 8 * (r & 1), 4 * t + byte + 16 * (r >> 1)
+            regs[:, r] |= (a[rows, ks] & 0xFF) << (8 * byte)
+    size = max(15 * sbo + lbo, 16 * sbo) + 128
+    smem = torch.zeros(size, dtype=torch.uint8)
+    for n in range(128):
+        for k in range(32):
+            smem[(n // 8) * sbo + (k // 16) * lbo + (n % 8) * 16 + k % 16] = int(b[k, n]) & 0xFF
+    i = torch.arange(64)
+    rows = 16 * warp[:, None] + grp[:, None] + 8 * ((i >> 1) & 1)
+    cols = 8 * (i >> 2) + 2 * t[:, None] + (i & 1)
+    d = d0[rows, cols].to(torch.int32).contiguous()
+    early = torch.zeros_like(d)
+    before = d.clone()
+    a_words = regs.to(torch.int32).contiguous()  # the low 32 bits, two's complement
+    execute(emulators(900), [("emu_wgmma_probe", (1, 1, 1), 128,
+                              [a_words, smem, size, d, early, int(unsigned_a), lbo, sbo])])
+    assert torch.equal(early, before)
+    assert torch.equal(d, (d0 + a @ b)[rows, cols].to(torch.int32))

@@ -77,13 +77,14 @@ def _run(kind: str, layer, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _check(kind: str, layer, x: torch.Tensor) -> None:
+def _check(kind: str, layer, x: torch.Tensor) -> torch.Tensor:
     y = _run(kind, layer, x)
     ref = layer.reference_forward(x)
     assert not torch.isnan(y).any()
     error = float((y.double() - ref.double()).norm() / ref.double().norm())
     assert error <= 1e-2, error
     assert torch.equal(_run(kind, layer, x), y), "not bitwise reproducible"
+    return y
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
@@ -248,8 +249,7 @@ def test_wgmma_kernel_at_flux_shapes(wgmma_dispatch, k, n, m, mode):
     launch of the wgmma function gives the same bits as the dispatcher, so the opt-in path really ran it."""
     layer = _layer(k, n, 32, mode, torch.bfloat16)
     x = _input(m, k, mode, torch.bfloat16, seed=m + k)
-    _check("w4a4", layer, x)  # through backend.w4a4 with the wgmma plan: error, no NaN, repeatable
-    dispatched = _run("w4a4", layer, x)
+    dispatched = _check("w4a4", layer, x)  # through backend.w4a4, whose plan now runs the wgmma kernel
     y, ((quantize, *launch1), (gemm, *launch2)) = backend.plan_w4a4(layer, x, wgmma=True)
     device = runtime.probe(DEVICE.index)
     y.fill_(float("nan"))
