@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cuda", "torch")
 W4A16_MAX_ROWS = 64  # the GEMV re-reads the weights every 4 rows; larger batches use the reference matmul
-_ROW_TILE = 128  # kernel 2's rows per CTA: kernel 1's outputs are padded to it
+_ROW_TILE = 256  # kernel 2's rows per CTA: kernel 1's outputs are padded to it
 _MAX_PLANS = 4096  # a FLUX model has ~500 quantized layers, each seeing a few input shapes
 Launch = tuple  # (kernel name, grid (x, y, z), threads per block, arguments)
 _noted: set[str] = set()

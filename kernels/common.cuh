@@ -55,6 +55,14 @@ DEVICE uint2 ldg8(const void* p) {
     return ptx_ldg8(p);
 }
 
+DEVICE void prefetch_l1(const void* p) {
+    ptx_prefetch_l1(p);
+}
+
+DEVICE u32 ldg4(const void* p) {
+    return ptx_ldg4(p);
+}
+
 DEVICE u16 ldg2(const void* p) {
     return ptx_ldg2(p);
 }
@@ -126,27 +134,37 @@ template <class T> DEVICE void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b
 
 template <bool UNSIGNED_A> struct Int4Mma {
     static constexpr float PSUM_UNIT = SVDQ_S8_PATH ? (UNSIGNED_A ? 16.0f : 256.0f) : 1.0f;
+    // An A fragment in the registers run() takes: the four words as loaded, or on the s8 path their even
+    // and odd nibbles already spread into bytes (a[0], a[1]), once per fragment rather than once per MMA.
+    static constexpr int A_PARTS = SVDQ_S8_PATH ? 2 : 1;
 
-    static DEVICE void run(int (&d)[4], const u32 (&a)[4], u32 b0, u32 b1, int c) {
-#if SVDQ_S8_PATH
-        const u32 mask = UNSIGNED_A ? 0x0F0F0F0Fu : 0xF0F0F0F0u;
-        u32 ae[4], ao[4];  // even / odd nibbles of A as bytes
+    static DEVICE void load_a(u32 (&a)[A_PARTS][4], uint4 v) {
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            ae[i] = UNSIGNED_A ? (a[i] & mask) : ((a[i] << 4) & mask);
-            ao[i] = UNSIGNED_A ? ((a[i] >> 4) & mask) : (a[i] & mask);
+#if SVDQ_S8_PATH
+            const u32 mask = UNSIGNED_A ? 0x0F0F0F0Fu : 0xF0F0F0F0u;
+            a[0][i] = UNSIGNED_A ? (w[i] & mask) : ((w[i] << 4) & mask);
+            a[1][i] = UNSIGNED_A ? ((w[i] >> 4) & mask) : (w[i] & mask);
+#else
+            a[0][i] = w[i];
+#endif
         }
+    }
+
+    static DEVICE void run(int (&d)[4], const u32 (&a)[A_PARTS][4], u32 b0, u32 b1, int c) {
+#if SVDQ_S8_PATH
         d[0] = d[1] = d[2] = d[3] = c;
-        ptx_mma_16832_s8<UNSIGNED_A>(d, ae, (b0 << 4) & 0xF0F0F0F0u, (b1 << 4) & 0xF0F0F0F0u);
-        ptx_mma_16832_s8<UNSIGNED_A>(d, ao, b0 & 0xF0F0F0F0u, b1 & 0xF0F0F0F0u);
+        ptx_mma_16832_s8<UNSIGNED_A>(d, a[0], (b0 << 4) & 0xF0F0F0F0u, (b1 << 4) & 0xF0F0F0F0u);
+        ptx_mma_16832_s8<UNSIGNED_A>(d, a[1], b0 & 0xF0F0F0F0u, b1 & 0xF0F0F0F0u);
 #elif __CUDA_ARCH__ >= 800
-        ptx_mma_16864_s4<UNSIGNED_A>(d, a, b0, b1, c);
+        ptx_mma_16864_s4<UNSIGNED_A>(d, a[0], b0, b1, c);
 #else
         int lo[2] = {c, c}, hi[2] = {c, c};
-        ptx_mma_8832_s4<UNSIGNED_A>(lo, a[0], b0);
-        ptx_mma_8832_s4<UNSIGNED_A>(lo, a[2], b1);
-        ptx_mma_8832_s4<UNSIGNED_A>(hi, a[1], b0);
-        ptx_mma_8832_s4<UNSIGNED_A>(hi, a[3], b1);
+        ptx_mma_8832_s4<UNSIGNED_A>(lo, a[0][0], b0);
+        ptx_mma_8832_s4<UNSIGNED_A>(lo, a[0][2], b1);
+        ptx_mma_8832_s4<UNSIGNED_A>(hi, a[0][1], b0);
+        ptx_mma_8832_s4<UNSIGNED_A>(hi, a[0][3], b1);
         d[0] = lo[0], d[1] = lo[1], d[2] = hi[0], d[3] = hi[1];
 #endif
     }

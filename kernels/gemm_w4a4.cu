@@ -9,42 +9,55 @@
 // no repacking) plus kernel 1's outputs (see quantize.cu for their layouts). Nothing is reduced
 // across CTAs: every output element is produced by one thread in a fixed order (deterministic).
 //
-// Tiling. CTA tile 128 (rows m) x 128 (columns n), K consumed 64 columns (one INT4 scale group, one
-// MMA k) per step through a 4-stage cp.async pipeline. 8 warps as 2 (m) x 4 (n); each warp owns a
-// 64 x 32 output block = 4 row tiles of 16 (i) x 2 column tiles of 16 (j) x 2 MMA halves of 8 (nh).
+// Tiling. CTA tile 256 (rows m) x 128 (columns n), K consumed 64 columns (one INT4 scale group, one
+// MMA k) per step. 8 warps as 4 (m) x 2 (n); each warp owns a 64 x 64 output block = 4 row tiles of 16
+// (i) x 4 column tiles of 16 (j) x 2 MMA halves of 8 (nh): 32 MMAs per step.
 //
-// Shared-memory stage (one 64-column step kt, all reads below are 16-byte conflict-free rows):
-//   sA  [8 row tiles][32 lanes][16 B]  codes[(mtile, kt)], each lane's m16n8k64 A fragment
-//   sB  [8 col tiles][32 lanes][16 B]  qweight for (n tile, kt): file layout (svdquant/packing.py)
+// No shared memory and no barrier. Kernel 1 and the checkpoint already store every operand in the
+// order the MMA wants it per lane (below), so each lane loads its own fragments and scales straight
+// from global memory into registers (L1 serves the warps that share a row or column block), and the
+// loads of step kt + 1 run under step kt's MMAs: each operand register is reloaded with step kt + 1's
+// value right after its last use in step kt. A column tile's B fragments and weight scales are last
+// used after its TM row tiles, so their next load has three quarters of a step to land; a row tile's A
+// fragments and activation scales are used by every column tile, and their next load (issued during
+// the last column tile) was prefetched into L1 at the start of the step. One register set, one step
+// per loop iteration: nothing is copied between register sets.
+//
+// Per step kt, what lane (g, t) = (lane / 4, lane % 4) loads (all loads 8 or 16 bytes, each warp-wide
+// load one contiguous block):
+//   A   codes[(mtile, kt)][lane], 16 B: its m16n8k64 A fragment of row tile mtile (kernel 1's layout).
+//   B   qweight for (n tile, kt): file layout (svdquant/packing.py) [N/128][K/64][8 col tiles][32][16 B]
 //       (nt, kt, np, nl, kl, nh, kh, e) = lane 4·nl + kl of column tile np holds words (nh, kh):
 //       the B fragments of columns 16·np + 8·nh + nl (two m16n8k64 MMAs, nh = 0, 1).
-//   sAS 512 B   INT4: 128 fp32 row scales (kernel 1's order, 16·i + 2·g + h = row 16·i + 8·h + g)
-//               NVFP4: 4 x 32 scale-A registers, one per pair of row tiles
-//   sWS 512 B   INT4: 128 16-bit column scales of (n tile, kt). The file's (K/64, N) wscales are
-//               tile-major (svdquant/packing.pack_scales: [N/128][K/64][128]) and within the 128 in
-//               packed vector order (n = 16·a + 8·b + 2·c + d at 16·a + 4·c + 2·b + d: lane t reads its
-//               four columns 2t, 2t+1, 8+2t, 9+2t of column tile a with one 8-byte load)
-//               NVFP4: the file's FP8 scales for (n tile, kt): lane 4·b + a's word s scales columns
-//               32·s + 8·a + b, i.e. warp column block s, MMA column tile a (thread-id-b = a).
+//   AS  INT4: fp32 [G][Mp], rows g and g + 8 of a row tile at 16·mtile + 2·g (8 B, kernel 1's order)
+//       NVFP4: u32 [G][Mp/32][32]: lane's scale-A register of each pair of row tiles.
+//   WS  INT4: the file's (K/64, N) wscales are tile-major (svdquant/packing.pack_scales:
+//       [N/128][K/64][128]) and within the 128 in packed vector order (n = 16·a + 8·b + 2·c + d at
+//       16·a + 4·c + 2·b + d): lane t reads its four columns 2t, 2t+1, 8+2t, 9+2t of column tile a
+//       with one 8-byte load.
+//       NVFP4: the file's FP8 scales for (n tile, kt), 512 B: lane 4·b + a's word s scales columns
+//       32·s + 8·a + b, i.e. 32-column block s, MMA column tile a (thread-id-b = a).
 //
 // Accumulator element (i, j, nh, e) of lane (g, t) is row 16·i + g + 8·(e >> 1) of the warp block and
-// column 16·j + 8·nh + 2t + (e & 1) of its 32 columns.
+// column 16·j + 8·nh + 2t + (e & 1) of its 64 columns.
 #include "common.cuh"
 
 namespace {
 
-constexpr int BM = 128, BN = 128, STAGES = 4, THREADS = 256;
-
-struct Stage {
-    uint4 a[BM / 16][32];
-    uint4 b[BN / 16][32];
-    uint4 as[32];  // 512 bytes of activation scales
-    uint4 ws[32];  // 512 bytes of weight scales (INT4 uses the first 256)
-};
+constexpr int BM = 256, BN = 128, THREADS = 256;
+constexpr int TM = 4, TN = 4;                // row / column tiles of 16 per warp
+constexpr int WARPS_N = BN / (16 * TN);      // warp w: rows 16·TM·(w / WARPS_N), columns 16·TN·(w % WARPS_N)
+static_assert(BM / (16 * TM) * WARPS_N * 32 == THREADS, "the warps tile the CTA");
+static_assert(TM % 2 == 0 && TN % 2 == 0, "NVFP4 scale registers: one per pair of row tiles, of column tiles");
 
 template <class T, int MODE> struct Kernel2 {
     static constexpr bool FP4 = MODE == MODE_NVFP4;
     using Mma = Int4Mma<MODE == MODE_INT4_UNSIGNED>;
+    // How many times a warp walks K, each time for TJ of its TN column tiles: once where its accumulators
+    // and one step's operands fit the 255 registers; twice on the INT4 s8 path, whose A fragments take
+    // twice the registers (spread into bytes).
+    static constexpr int PASSES = SVDQ_S8_PATH && !FP4 ? 2 : 1, TJ = TN / PASSES;
+    using Acc = float[TM][TJ][2][4];
 
     struct Args {
         const u32* codes;     // kernel 1
@@ -60,193 +73,219 @@ template <class T, int MODE> struct Kernel2 {
         int M, N_out, K, R, Mp;
     };
 
-    // Copy step kt of this CTA's tiles into stage `s` (all 16-byte cp.async, 2 or 3 per thread).
-    static DEVICE void load_stage(Stage& s, const Args& p, int mb, int nb, int kt, int tid) {
+    // One step's operands of one lane: A fragments and activation scales per row tile, B fragments and
+    // weight scales per column tile.
+    struct Operands {
+        u32 a[TM][FP4 ? 1 : Mma::A_PARTS][4], b[TJ][4];  // A: as Mma::run takes it
+        u32 as[FP4 ? TM / 2 : 2 * TM];  // INT4: fp32 scales of rows g, g + 8 per row tile; NVFP4: scale-A per tile pair
+        u32 ws[FP4 ? TJ / 2 : 2 * TJ];  // INT4: four 16-bit column scales per column tile; NVFP4: scale-B per 32 columns
+    };
+
+    // Where this lane's operands of step 0 are (byte addresses); step kt's are kt steps further. The
+    // strides that depend on the shape (row tile to row tile for A, step to step for the activation scales)
+    // are read from the arguments where used: kernel parameters, no registers.
+    struct Source {
+        const u8 *a, *as, *b, *ws;
+    };
+    static constexpr int A_STEP = 512, B_STEP = BN / 16 * 512, WS_STEP = FP4 ? 512 : 2 * BN;
+
+    // mt: the warp's first row tile (of 16) in the whole matrix; nb: the CTA's column block (of 128) and
+    // lt: the warp's first column tile in it.
+    static DEVICE Source source(const Args& p, int mt, int nb, int lt, int lane) {
         const int G = p.K / 64;
-        // A: tile (8·mb + tid/32, kt), lane tid%32: kernel 1 wrote [mtile][G][32][4].
-        cp_async16(&s.a[0][0] + tid, p.codes + (((size_t)(8 * mb + tid / 32) * G + kt) * 32 + tid % 32) * 4, true);
-        // B: the 4 KB block (nb, kt) of qweight is contiguous.
-        cp_async16(&s.b[0][0] + tid, p.qweight + (((size_t)nb * G + kt) * 8 * 32 + tid) * 4, true);
-        if (tid < 32) {
-            // INT4: f32 [G][Mp]; NVFP4: u32 [G][Mp/32][32]. Either way 512 contiguous bytes.
-            const u32* src = (const u32*)p.ascales + (size_t)kt * p.Mp + BM * mb;
-            cp_async16(&s.as[tid], src + 4 * tid, true);
-        } else if (tid < 64) {
-            const int i = tid - 32;
+        Source s;
+        s.a = (const u8*)p.codes + ((size_t)mt * G * 32 + lane) * 16;  // [Mp/16][G][32 lanes][16 B]
+        // INT4: fp32 [G][Mp] (rows g, g + 8 of tile mt at 16·mt + 2·g); NVFP4: u32 [G][Mp/32][32 lanes].
+        s.as = (const u8*)p.ascales + 4 * (16 * mt + (FP4 ? lane : 2 * (lane >> 2)));
+        s.b = (const u8*)p.qweight + (size_t)nb * G * B_STEP + (lt * 32 + lane) * 16;  // the 4 KB block (nb, kt)
+        // INT4: 16-bit [N/128][G][128], lane t's four of column tile lt at 16·lt + 4·t; NVFP4: 512 B of u32
+        // words, 32-column block s of lane l at word 4·l + s.
+        s.ws = (const u8*)p.wscales + (size_t)nb * G * WS_STEP + (FP4 ? 4 * (4 * lane + lt / 2) : 2 * (16 * lt + 4 * (lane & 3)));
+        return s;
+    }
+
+    static DEVICE void set4(u32 (&r)[4], uint4 v) {
+        r[0] = v.x, r[1] = v.y, r[2] = v.z, r[3] = v.w;
+    }
+
+    static DEVICE const u8* a_at(const Args& p, const Source& s, int i, int kt) {
+        return s.a + kt * A_STEP + i * (p.K / 64 * A_STEP);  // codes: row tiles K/64 steps apart
+    }
+    static DEVICE const u8* as_at(const Args& p, const Source& s, int i, int kt) {
+        return s.as + kt * (4 * p.Mp) + (FP4 ? 128 * (i / 2) : 64 * i);  // ascales: steps Mp values apart
+    }
+
+    static DEVICE void prefetch_row(const Args& p, const Source& s, int i, int kt) {
+        prefetch_l1(a_at(p, s, i, kt));
+        prefetch_l1(as_at(p, s, i, kt));
+    }
+
+    // Row tile i of step kt (NVFP4: with the scale-A of its pair of row tiles, loaded with the second).
+    static DEVICE void load_row(Operands& o, const Args& p, const Source& s, int i, int kt) {
+        const uint4 a = ldg16(a_at(p, s, i, kt));
+        if constexpr (FP4) {
+            set4(o.a[i][0], a);
+        } else {
+            Mma::load_a(o.a[i], a);
+        }
+        if constexpr (FP4) {
+            if (i % 2 == 1) o.as[i / 2] = ldg4(as_at(p, s, i, kt));  // one register per pair of row tiles
+        } else {
+            const uint2 v = ldg8(as_at(p, s, i, kt));
+            o.as[2 * i] = v.x, o.as[2 * i + 1] = v.y;
+        }
+    }
+
+    // Column tile j of step kt (NVFP4: with the scale-B of its 32 columns, loaded with the second tile).
+    static DEVICE void load_col(Operands& o, const Source& s, int j, int kt) {
+        set4(o.b[j], ldg16(s.b + kt * B_STEP + 512 * j));
+        const u8* ws = s.ws + kt * WS_STEP;
+        if constexpr (FP4) {
+            if (j % 2 == 1) o.ws[j / 2] = ldg4(ws + 4 * (j / 2));
+        } else {
+            const uint2 v = ldg8(ws + 32 * j);
+            o.ws[2 * j] = v.x, o.ws[2 * j + 1] = v.y;
+        }
+    }
+
+    // INT4: scales of the columns (nh, e & 1) of a column tile with the psum unit divided out (cs), and
+    // -MAGIC·cs. A 16-bit scale has at most 11 significant bits and MAGIC = 1.5·2^23 two, so -MAGIC·cs is
+    // exact in fp32 (for any scale below 2^100) and fma(bits, cs, -MAGIC·cs) = round(psum·cs): the
+    // int → float conversion costs nothing, each element needs two FFMAs per group.
+    struct ColScales {
+        float cs[4], magic_cs[4];
+    };
+
+    static DEVICE ColScales col_scales(const Operands& o, int j) {
+        ColScales c;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            c.cs[e] = to_f32<T>((u16)(o.ws[2 * j + (e >> 1)] >> (16 * (e & 1)))) / Mma::PSUM_UNIT;
+            c.magic_cs[e] = -SVDQ_MAGIC_F * c.cs[e];
+        }
+        return c;
+    }
+
+    // Row tile i x column tile j of one 64-column step: 2 MMAs and, for INT4, the per-group dequantisation.
+    static DEVICE void compute(const Operands& o, int i, int j, const ColScales& c, Acc& acc) {
+#pragma unroll
+        for (int nh = 0; nh < 2; nh++) {
             if constexpr (FP4) {
-                const u8* src = (const u8*)p.wscales + ((size_t)nb * G + kt) * 512;
-                cp_async16(&s.ws[i], src + 16 * i, true);
-            } else if (i < 16) {
-                // The (K/64, N) tensor is tile-major: 128 values per (n tile, group), contiguous.
-                const u16* src = (const u16*)p.wscales + ((size_t)nb * G + kt) * BN;
-                cp_async16(&s.ws[i], src + 8 * i, true);
+#if __CUDA_ARCH__ >= 1200
+                mma_fp4(acc[i][j][nh], o.a[i][0], o.b[j][2 * nh], o.b[j][2 * nh + 1], o.as[i >> 1], (u16)(i & 1),
+                        o.ws[j >> 1], (u16)(2 * (j & 1) + nh));
+#endif
+            } else {
+                int psum[4];
+                Mma::run(psum, o.a[i], o.b[j][2 * nh], o.b[j][2 * nh + 1], SVDQ_MAGIC_BITS);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int k = 2 * nh + (e & 1);
+                    const float col = fmaf(__int_as_float(psum[e]), c.cs[k], c.magic_cs[k]);
+                    acc[i][j][nh][e] = fmaf(col, __uint_as_float(o.as[2 * i + (e >> 1)]), acc[i][j][nh][e]);
+                }
             }
         }
     }
 
-    // One 64-column step: 16 MMAs per warp and, for INT4, the per-group dequantisation.
-    static DEVICE void compute(const Stage& s, float (&acc)[4][2][2][4], int wm, int wn, int lane) {
-        const int g = lane >> 2, t = lane & 3;
-        u32 a[4][4], b[2][4];
+    // One 64-column step with `o`, each operand replaced by step kt_next's right after its last use.
+    static DEVICE void step(Operands& o, Acc& acc, const Args& p, const Source& s, int kt_next) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const uint4 v = s.a[4 * wm + i][lane];
-            a[i][0] = v.x, a[i][1] = v.y, a[i][2] = v.z, a[i][3] = v.w;
-        }
+        for (int i = 0; i < TM; i++) prefetch_row(p, s, i, kt_next);
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
-            const uint4 v = s.b[2 * wn + j][lane];
-            b[j][0] = v.x, b[j][1] = v.y, b[j][2] = v.z, b[j][3] = v.w;
-        }
-        if constexpr (FP4) {
-#if __CUDA_ARCH__ >= 1200
-            const u32* as = (const u32*)s.as;
-            const u32 sfa[2] = {as[(2 * wm + 0) * 32 + lane], as[(2 * wm + 1) * 32 + lane]};
-            const u32 sfb = ((const u32*)s.ws)[4 * lane + wn];
+        for (int j = 0; j < TJ; j++) {
+            const ColScales c = FP4 ? ColScales{} : col_scales(o, j);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
-#pragma unroll
-                for (int j = 0; j < 2; j++)
-#pragma unroll
-                    for (int nh = 0; nh < 2; nh++)
-                        mma_fp4(acc[i][j][nh], a[i], b[j][2 * nh], b[j][2 * nh + 1], sfa[i >> 1], (u16)(i & 1), sfb,
-                                (u16)(2 * j + nh));
-#endif
-        } else {
-            const float* as = (const float*)s.as;
-            const u16* ws = (const u16*)s.ws;
-            float2 rs[4];  // scales of rows g, g + 8 of each row tile
-#pragma unroll
-            for (int i = 0; i < 4; i++) rs[i] = *(const float2*)&as[16 * (4 * wm + i) + 2 * g];
-            // Scales of columns (nh, e & 1) of each column tile with the psum unit divided out (cs), and
-            // -MAGIC·cs. A 16-bit scale has at most 11 significant bits and MAGIC = 1.5·2^23 two, so
-            // -MAGIC·cs is exact in fp32 (for any scale below 2^100) and fma(bits, cs, -MAGIC·cs) =
-            // round(psum·cs): the int → float conversion costs nothing, each element needs two FFMAs
-            // per group.
-            float cs[2][4], magic_cs[2][4];
-#pragma unroll
-            for (int j = 0; j < 2; j++) {
-                const uint2 v = *(const uint2*)&ws[16 * (2 * wn + j) + 4 * t];
-                const u32 h[2] = {v.x, v.y};
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    cs[j][e] = to_f32<T>((u16)(h[e >> 1] >> (16 * (e & 1)))) / Mma::PSUM_UNIT;
-                    magic_cs[j][e] = -SVDQ_MAGIC_F * cs[j][e];
-                }
+            for (int i = 0; i < TM; i++) {
+                compute(o, i, j, c, acc);
+                if (j == TJ - 1) load_row(o, p, s, i, kt_next);
             }
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-#pragma unroll
-                for (int j = 0; j < 2; j++)
-#pragma unroll
-                    for (int nh = 0; nh < 2; nh++) {
-                        int psum[4];
-                        Mma::run(psum, a[i], b[j][2 * nh], b[j][2 * nh + 1], SVDQ_MAGIC_BITS);
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            const int c = 2 * nh + (e & 1);
-                            const float col = fmaf(__int_as_float(psum[e]), cs[j][c], magic_cs[j][c]);
-                            acc[i][j][nh][e] = fmaf(col, (e >> 1) ? rs[i].y : rs[i].x, acc[i][j][nh][e]);
-                        }
-                    }
+            load_col(o, s, j, kt_next);
         }
     }
 
     // acc += lora_act · proj_upᵀ over the whole rank (m16n8k16, fp32 accumulate). Fragments come
-    // straight from global memory (L2): each is one 16-byte load, used by 4 MMAs.
-    static DEVICE void branch_up(float (&acc)[4][2][2][4], const Args& p, int mb, int nb, int wm, int wn, int lane) {
+    // straight from global memory (L2): each is one 16-byte load, used by TJ or TM MMA pairs.
+    static DEVICE void branch_up(Acc& acc, const Args& p, int mt, int nt, int lane) {
         const int RT = p.R / 16;
         for (int rt = 0; rt < RT; rt++) {
-            u32 la[4][4], up[2][4];
+            u32 la[TM][4], up[TJ][4];
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const uint4 v = ldg16(p.lora_act + (((size_t)(8 * mb + 4 * wm + i) * RT + rt) * 32 + lane) * 4);
-                la[i][0] = v.x, la[i][1] = v.y, la[i][2] = v.z, la[i][3] = v.w;
-            }
+            for (int i = 0; i < TM; i++) set4(la[i], ldg16(p.lora_act + (((size_t)(mt + i) * RT + rt) * 32 + lane) * 4));
 #pragma unroll
-            for (int j = 0; j < 2; j++) {
-                const uint4 v = ldg16(p.proj_up + (((size_t)(8 * nb + 2 * wn + j) * RT + rt) * 32 + lane) * 4);
-                up[j][0] = v.x, up[j][1] = v.y, up[j][2] = v.z, up[j][3] = v.w;
-            }
+            for (int j = 0; j < TJ; j++) set4(up[j], ldg16(p.proj_up + (((size_t)(nt + j) * RT + rt) * 32 + lane) * 4));
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < TM; i++)
 #pragma unroll
-                for (int j = 0; j < 2; j++)
+                for (int j = 0; j < TJ; j++)
 #pragma unroll
                     for (int nh = 0; nh < 2; nh++) mma_16816<T>(acc[i][j][nh], la[i], up[j][2 * nh], up[j][2 * nh + 1]);
         }
     }
 
-    // Four consecutive values of a packed per-channel vector: columns 2t, 2t+1, 8+2t, 9+2t of the
-    // warp's column tile j, in the order (nh, e & 1) of the accumulator.
-    static DEVICE void load_vec4(float (&out)[4], const u16* v, int nb, int wn, int j, int t) {
-        const uint2 raw = ldg8(v + BN * nb + 16 * (2 * wn + j) + 4 * t);
+    // Four consecutive values of a packed per-channel vector: columns 2t, 2t+1, 8+2t, 9+2t of column
+    // tile nt (of 16), in the order (nh, e & 1) of the accumulator.
+    static DEVICE void load_vec4(float (&out)[4], const u16* v, int nt, int t) {
+        const uint2 raw = ldg8(v + 16 * nt + 4 * t);
         const u32 h[2] = {raw.x, raw.y};
 #pragma unroll
         for (int e = 0; e < 4; e++) out[e] = to_f32<T>((u16)(h[e >> 1] >> (16 * (e & 1))));
     }
 
-    static DEVICE void run(const Args& p) {
-        __shared__ __align__(16) Stage stages[STAGES];
-        const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-        const int wm = warp >> 2, wn = warp & 3;
-        const int nb = blockIdx.x, mb = blockIdx.y;  // consecutive CTAs share the rows of A
-        const int steps = p.K / 64;
-
-        float acc[4][2][2][4];
+    // The warp's rows (first row tile mt) times TJ column tiles from nt on (ct: the first of them within the
+    // CTA's 128 columns, nb: the CTA's column block): the whole K loop and the epilogue.
+    static DEVICE void pass(const Args& p, int mt, int nb, int ct, int lane) {
+        const int nt = BN / 16 * nb + ct, steps = p.K / 64;
+        Acc acc;
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < TM; i++)
 #pragma unroll
-            for (int j = 0; j < 2; j++)
+            for (int j = 0; j < TJ; j++)
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc[i][j][e >> 2][e & 3] = 0.0f;
 
+        const Source src = source(p, mt, nb, ct, lane);
+        Operands o;
 #pragma unroll
-        for (int s = 0; s < STAGES - 1; s++) {
-            if (s < steps) load_stage(stages[s], p, mb, nb, s, tid);
-            cp_async_commit();  // empty groups keep the wait count uniform
-        }
-        // INT4: the branch is independent of the main sum; run it while the first stages load.
-        if constexpr (!FP4) branch_up(acc, p, mb, nb, wm, wn, lane);
+        for (int i = 0; i < TM; i++) load_row(o, p, src, i, 0);
+#pragma unroll
+        for (int j = 0; j < TJ; j++) load_col(o, src, j, 0);
+        // INT4: the branch is independent of the main sum; run it while the first step loads.
+        if constexpr (!FP4) branch_up(acc, p, mt, nt, lane);
 
-        for (int kt = 0; kt < steps; kt++) {
-            cp_async_wait<STAGES - 2>();
-            __syncthreads();  // stage kt landed for everyone; stage kt-1 is no longer read
-            const int next = kt + STAGES - 1;
-            if (next < steps) load_stage(stages[next % STAGES], p, mb, nb, next, tid);
-            cp_async_commit();
-            compute(stages[kt % STAGES], acc, wm, wn, lane);
-        }
+        // The last step's loads re-read it rather than run past the end.
+        for (int kt = 0; kt < steps; kt++) step(o, acc, p, src, min(kt + 1, steps - 1));
 
+        const int t = lane & 3;
         if constexpr (FP4) {
             // The block-scaled MMA applied the FP8 scales; the per-channel and per-tensor factors remain.
             const float tensor_scale = *p.wtscale;
 #pragma unroll
-            for (int j = 0; j < 2; j++) {
+            for (int j = 0; j < TJ; j++) {
                 float cs[4];
-                load_vec4(cs, p.wcscales, nb, wn, j, t);
+                load_vec4(cs, p.wcscales, nt + j, t);
 #pragma unroll
-                for (int i = 0; i < 4; i++)
+                for (int i = 0; i < TM; i++)
 #pragma unroll
                     for (int e = 0; e < 8; e++) acc[i][j][e >> 2][e & 3] *= cs[2 * (e >> 2) + (e & 1)] * tensor_scale;
             }
-            branch_up(acc, p, mb, nb, wm, wn, lane);
+            branch_up(acc, p, mt, nt, lane);
         }
 
         // Epilogue: bias, round to 16 bits, store the rows < M and columns < N_out.
         const bool pairs = (p.N_out & 1) == 0;  // 4-byte stores need an even row length
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
+        for (int j = 0; j < TJ; j++) {
             float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (p.bias) load_vec4(bias, p.bias, nb, wn, j, t);
+            if (p.bias) load_vec4(bias, p.bias, nt + j, t);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < TM; i++)
 #pragma unroll
                 for (int nh = 0; nh < 2; nh++)
 #pragma unroll
                     for (int h = 0; h < 2; h++) {
-                        const int row = BM * mb + 64 * wm + 16 * i + 8 * h + g;
-                        const int col = BN * nb + 32 * wn + 16 * j + 8 * nh + 2 * t;
+                        const int row = 16 * (mt + i) + 8 * h + (lane >> 2);
+                        const int col = 16 * (nt + j) + 8 * nh + 2 * t;
                         const float v0 = acc[i][j][nh][2 * h] + bias[2 * nh];
                         const float v1 = acc[i][j][nh][2 * h + 1] + bias[2 * nh + 1];
                         if (row >= p.M || col >= p.N_out) continue;
@@ -260,11 +299,19 @@ template <class T, int MODE> struct Kernel2 {
                     }
         }
     }
+
+    static DEVICE void run(const Args& p) {
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+        // consecutive CTAs (blockIdx.x) share the rows of A
+#pragma unroll 1
+        for (int k = 0; k < PASSES; k++) pass(p, BM / 16 * blockIdx.y + TM * wm, blockIdx.x, TN * wn + TJ * k, lane);
+    }
 };
 
 }  // namespace
 
-// grid (N / 128, Mp / 128), block 256, static shared memory (4 stages x 9 KB).
+// grid (N / 128, Mp / 256), block 256, no shared memory.
 #define SVDQ_GEMM(NAME, T, MODE)                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(                                           \
         const u32* codes, const void* ascales, const u32* qweight, const void* wscales, const u32* lora_act, \

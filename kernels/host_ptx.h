@@ -237,7 +237,10 @@ inline float ptx_e4m3_to_f32(u32 byte) {
 // ---- memory ---------------------------------------------------------------------------------
 inline uint4 ptx_ldg16(const void* p) { uint4 v; std::memcpy(&v, p, 16); return v; }
 inline uint2 ptx_ldg8(const void* p) { uint2 v; std::memcpy(&v, p, 8); return v; }
+inline u32 ptx_ldg4(const void* p) { u32 v; std::memcpy(&v, p, 4); return v; }
 inline u16 ptx_ldg2(const void* p) { u16 v; std::memcpy(&v, p, 2); return v; }
+
+inline void ptx_prefetch_l1(const void*) {}  // no cache to warm
 
 inline void ptx_cp_async16(void* smem, const void* gmem, bool pred) {  // completes at once
     if (pred) std::memcpy(smem, gmem, 16); else std::memset(smem, 0, 16);

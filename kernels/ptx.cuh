@@ -60,10 +60,20 @@ DEVICE uint2 ptx_ldg8(const void* p) {
     return v;
 }
 
+DEVICE u32 ptx_ldg4(const void* p) {
+    u32 v;
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
 DEVICE u16 ptx_ldg2(const void* p) {
     u16 v;
     asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
     return v;
+}
+
+DEVICE void ptx_prefetch_l1(const void* p) {  // the line holding p into L1, no register written
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
 }
 
 #if __CUDA_ARCH__ >= 800
