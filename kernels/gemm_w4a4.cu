@@ -11,7 +11,8 @@
 //
 // Tiling. CTA tile 256 (rows m) x 128 (columns n), K consumed 64 columns (one INT4 scale group, one
 // MMA k) per step. 8 warps as 4 (m) x 2 (n); each warp owns a 64 x 64 output block = 4 row tiles of 16
-// (i) x 4 column tiles of 16 (j) x 2 MMA halves of 8 (nh): 32 MMAs per step.
+// (i) x 4 column tiles of 16 (j) x 2 MMA halves of 8 (nh): 32 MMAs per step (the INT4 s8 path walks K
+// twice, for two of the column tiles at a time: PASSES below).
 //
 // No shared memory and no barrier. Kernel 1 and the checkpoint already store every operand in the
 // order the MMA wants it per lane (below), so each lane loads its own fragments and scales straight

@@ -1,7 +1,7 @@
 """The fused kernels against the reference layers, on an NVIDIA GPU (skipped, saying why, elsewhere).
 
 Every FLUX.1, SDXL and Z-Image-Turbo linear shape (Z-Image's also at the published ranks 128 and 256), M
-not a multiple of the 128-row tile, bf16 and fp16, INT4 signed and unsigned (and NVFP4 on sm_120/121):
+not a multiple of the 256-row tile, bf16 and fp16, INT4 signed and unsigned (and NVFP4 on sm_120/121):
 relative error ≤ 1e-2 against ``reference_forward``, never NaN, outputs poisoned with NaN first, and bitwise
 identical across runs. Kernel 1's codes and scales are compared bit for bit with the core's quantizer.
 """
