@@ -147,7 +147,7 @@ def compile_targets(targets: list[str], check: bool) -> None:
                 print(f"[SVDQuant] {arch} {family}: {unit.stem}, {len(program.cubin)} bytes")
                 if tool:
                     for name, listing in sass.disassemble(program.cubin, tool).items():
-                        print(f"    {name}: {sass.summary(sass.opcodes(listing))}")
+                        print(f"    {name}: {sass.summary(sass.opcodes(listing))}{sass.loop_summary(listing)}")
 
 
 def compile_for_gpus() -> None:

@@ -91,3 +91,17 @@ def summary(ops: Counter) -> str:
     """The tensor-core instructions and the local-memory traffic of one kernel, in a line."""
     tensor = [f"{op} x{n}" for op, n in sorted(ops.items()) if op.split(".")[0] in ("HMMA", "IMMA", "OMMA")]
     return f"{', '.join(tensor) or 'no MMA'}; local-memory instructions: {count(ops, 'LDL') + count(ops, 'STL')}"
+
+
+def loop_summary(listing: str) -> str:
+    """The K loop around a kernel's integer or FP4 tensor-core instructions, as a phrase to append to
+    :func:`summary` ("" for a kernel without one): its length, its MMAs and its barriers."""
+    for mnemonic in ("IMMA", "OMMA"):
+        try:
+            loop = main_loop(listing, mnemonic)
+        except ValueError:
+            continue
+        size, mmas = sum(loop.values()), count(loop, mnemonic)
+        return (f"; main loop: {size} instructions for {mmas} {mnemonic} ({size / mmas:.1f} each), "
+                f"{count(loop, 'BAR')} barriers")
+    return ""

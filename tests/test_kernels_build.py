@@ -152,6 +152,18 @@ def test_rtx_gemm_main_loop_is_as_lean_as_the_authors(listings, arch):
 
 
 @NEEDS_TOOL
+@pytest.mark.parametrize("arch", ["sm_80", "sm_89"])
+def test_check_reports_the_rtx_main_loop(listings, arch):
+    """``install.py --targets ... --check`` prints each GEMM's K loop, the figures docs/BENCHMARKS.md quotes; the
+    quantize kernels (no integer MMA) have none."""
+    for name, listing in listings[(arch, "gemm_w4a4-int4")].items():
+        found = re.fullmatch(r"; main loop: (\d+) instructions for 32 IMMA \((\d+\.\d) each\), 0 barriers",
+                             sass.loop_summary(listing))
+        assert found and int(found[1]) <= RTX_LOOP and float(found[2]) <= RTX_TARGET_PER_IMMA, (arch, name, found)
+    assert all(sass.loop_summary(text) == "" for text in listings[(arch, "quantize-int4")].values())
+
+
+@NEEDS_TOOL
 def test_nvfp4_gemm_uses_the_block_scaled_fp4_mma(listings):
     kernels = _kernels(listings, "sm_120a", "gemm_w4a4-nvfp4")
     assert set(kernels) == {"svdq_gemm_nvfp4_bf16", "svdq_gemm_nvfp4_fp16"}
