@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cuda", "torch")
 W4A16_MAX_ROWS = 64  # the GEMV re-reads the weights every 4 rows; larger batches use the reference matmul
-_ROW_TILE = 256  # kernel 2's rows per CTA: kernel 1's outputs are padded to it
+# Kernel 2's rows per CTA: gemm_w4a4.cu's and gemm_w4a4_sm90.cu's; kernel 1's outputs are padded to the one run.
+_ROW_TILE, _WGMMA_ROW_TILE = 256, 128
 _MAX_PLANS = 4096  # a FLUX model has ~500 quantized layers, each seeing a few input shapes
 Launch = tuple  # (kernel name, grid (x, y, z), threads per block, arguments)
 _noted: set[str] = set()
@@ -162,16 +163,18 @@ def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int,
                    wgmma: bool = False) -> tuple[list[Launch], tuple[int, int, int]]:
     """Kernel 1 and kernel 2 of a W4A4 forward of ``m`` rows (arguments: weight tensors, None, ints and
     the per-call slots), and the workspace words they share (codes, ascales, lora_act). ``wgmma``: kernel 2
-    of an INT4 layer is gemm_w4a4_sm90.cu's (same arguments, grid and block)."""
+    of an INT4 layer is gemm_w4a4_sm90.cu's (same arguments and block; 128-row CTAs)."""
     np_, kp, rank = layer.qweight.shape[0], layer.qweight.shape[1] * 2, layer.rank
-    mp = packing.round_up(m, _ROW_TILE)
     nvfp4 = layer.precision == "nvfp4"
+    wgmma = wgmma and not nvfp4
+    rows = _WGMMA_ROW_TILE if wgmma else _ROW_TILE
+    mp = packing.round_up(m, rows)
     suffix = f"{'nvfp4' if nvfp4 else ('uint4' if layer.act_unsigned else 'int4')}_{_dtype_name(layer)}"
     workspace = (mp * kp // 8, mp * kp // 64, max(mp * rank // 2, 4))  # NVFP4 scales: the same count of u32
     return [
         (f"svdq_quantize_{suffix}", (mp // 16, 1, max(1, -(-rank // 64))), 128,
          [X, layer.smooth_factor, layer.proj_down, CODES, ASCALES, LORA_ACT, m, ldx, kx, kp, rank, mp]),
-        (f"{_WGMMA_PREFIX if wgmma and not nvfp4 else 'svdq_gemm_'}{suffix}", (np_ // 128, mp // _ROW_TILE, 1), 256,
+        (f"{_WGMMA_PREFIX if wgmma else 'svdq_gemm_'}{suffix}", (np_ // 128, mp // rows, 1), 256,
          [CODES, ASCALES, layer.qweight, layer.wscales, LORA_ACT, layer.proj_up, layer.bias,
           layer.wcscales if nvfp4 else None, layer.wtscale if nvfp4 else None, Y, m, layer.out_features, kp, rank,
           mp]),
@@ -229,20 +232,32 @@ def _pack(arg: object, keep: list[torch.Tensor]) -> object:
 
 
 def kernel_function(device: runtime.Device, family: str, name: str):
-    """The loaded kernel ``name`` of ``family`` on ``device``; the wgmma kernel 2 comes from its own module,
-    built on first use, and on a GPU other than sm_90 its mma.sync twin runs instead (said once)."""
+    """The loaded kernel ``name`` of ``family`` on ``device``; the wgmma kernel 2 (sm_90 only) comes from its own
+    module, built on first use."""
     if name.startswith(_WGMMA_PREFIX):
-        if device.capability == build.capability_of(build.WGMMA_ARCH):
-            module = _wgmma_modules.get(device.index)
-            if module is None:
-                module = _wgmma_modules[device.index] = device.variant(build.WGMMA, [])
-            return module.get_function(name).kernel
-        if WGMMA_SETTING not in _noted:
-            _noted.add(WGMMA_SETTING)
-            log.info("SVDQuant: %s=1 applies to sm_90 GPUs (H100, H200); %s runs the mma.sync kernel 2",
-                     WGMMA_SETTING, device.name)
-        name = "svdq_gemm_" + name.removeprefix(_WGMMA_PREFIX)
+        module = _wgmma_modules.get(device.index)
+        if module is None:
+            module = _wgmma_modules[device.index] = device.variant(build.WGMMA, [])
+        return module.get_function(name).kernel
     return device.function(family, name)
+
+
+def _wgmma_for(layer: torch.nn.Module, index: int) -> bool:
+    """Whether kernel 2 of ``layer`` on GPU ``index`` is the wgmma one: asked for (SVDQUANT_WGMMA=1), INT4, on an
+    sm_90 GPU. Elsewhere the mma.sync kernel 2 runs (said once), planned as itself: its CTAs are 256 rows."""
+    if not _wgmma or layer.precision == "nvfp4":
+        return False
+    try:
+        device = runtime.probe(index)
+    except runtime.Unavailable:
+        return False  # no kernel at all there: the plan says why
+    if device.capability == build.capability_of(build.WGMMA_ARCH):
+        return True
+    if WGMMA_SETTING not in _noted:
+        _noted.add(WGMMA_SETTING)
+        log.info("SVDQuant: %s=1 applies to sm_90 GPUs (H100, H200); %s runs the mma.sync kernel 2",
+                 WGMMA_SETTING, device.name)
+    return False
 
 
 def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, launches: list[Launch],
@@ -331,7 +346,7 @@ def w4a4(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = Non
     if plan is None:
         family = layer.precision  # "int4" | "nvfp4"
         plan = _cached(key, _make_plan(layer, x, family, f"{family} W4A4 layers",
-                                       *_w4a4_launches(layer, m, ldx, kx, _wgmma)))
+                                       *_w4a4_launches(layer, m, ldx, kx, _wgmma_for(layer, x.device.index))))
     if plan.__class__ is str:
         return None
     y = _output(out, m, layer.out_features, x)

@@ -79,7 +79,7 @@ template <class T, int MODE> struct Kernel2 {
     struct Operands {
         u32 a[TM][FP4 ? 1 : Mma::A_PARTS][4], b[TJ][4];  // A: as Mma::run takes it
         u32 as[FP4 ? TM / 2 : 2 * TM];  // INT4: fp32 scales of rows g, g + 8 per row tile; NVFP4: scale-A per tile pair
-        u32 ws[FP4 ? TJ / 2 : 2 * TJ];  // INT4: four 16-bit column scales per column tile; NVFP4: scale-B per 32 columns
+        u32 ws[FP4 ? TJ / 2 : 2 * TJ];  // INT4: four 16-bit scales per column tile; NVFP4: scale-B per 32 columns
     };
 
     // Where this lane's operands of step 0 are (byte addresses); step kt's are kt steps further. The
@@ -101,7 +101,8 @@ template <class T, int MODE> struct Kernel2 {
         s.b = (const u8*)p.qweight + (size_t)nb * G * B_STEP + (lt * 32 + lane) * 16;  // the 4 KB block (nb, kt)
         // INT4: 16-bit [N/128][G][128], lane t's four of column tile lt at 16·lt + 4·t; NVFP4: 512 B of u32
         // words, 32-column block s of lane l at word 4·l + s.
-        s.ws = (const u8*)p.wscales + (size_t)nb * G * WS_STEP + (FP4 ? 4 * (4 * lane + lt / 2) : 2 * (16 * lt + 4 * (lane & 3)));
+        s.ws = (const u8*)p.wscales + (size_t)nb * G * WS_STEP +
+               (FP4 ? 4 * (4 * lane + lt / 2) : 2 * (16 * lt + 4 * (lane & 3)));
         return s;
     }
 
@@ -212,7 +213,8 @@ template <class T, int MODE> struct Kernel2 {
         for (int rt = 0; rt < RT; rt++) {
             u32 la[TM][4], up[TJ][4];
 #pragma unroll
-            for (int i = 0; i < TM; i++) set4(la[i], ldg16(p.lora_act + (((size_t)(mt + i) * RT + rt) * 32 + lane) * 4));
+            for (int i = 0; i < TM; i++)
+                set4(la[i], ldg16(p.lora_act + (((size_t)(mt + i) * RT + rt) * 32 + lane) * 4));
 #pragma unroll
             for (int j = 0; j < TJ; j++) set4(up[j], ldg16(p.proj_up + (((size_t)(nt + j) * RT + rt) * 32 + lane) * 4));
 #pragma unroll

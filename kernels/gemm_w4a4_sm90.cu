@@ -1,5 +1,5 @@
 // Kernel 2 of an SVDQuant INT4 layer on Hopper's warpgroup MMA (wgmma, sm_90a only): the same function,
-// arguments, grid and block as gemm_w4a4.cu's svdq_gemm_int4_* (kernel 1 is shared, its outputs are read
+// arguments and block as gemm_w4a4.cu's svdq_gemm_int4_*, 128-row CTAs (kernel 1 is shared, its outputs are read
 // exactly as there), with the INT4 products on `wgmma.mma_async ... .s8` (SASS IGMMA) instead of mma.sync.
 // Opt-in (backend.py, SVDQUANT_WGMMA=1) until it is measured faster on a GPU.
 //
@@ -320,7 +320,7 @@ template <class T, bool UNSIGNED_A> struct Kernel2Wgmma {
 
 }  // namespace
 
-// grid (N / 128, Mp / 128), block 256, static shared memory 44.3 KB: gemm_w4a4.cu's launch, argument for argument.
+// grid (N / 128, Mp / 128), block 256, static shared memory 44.3 KB: gemm_w4a4.cu's arguments, argument for argument.
 #define SVDQ_GEMM_WGMMA(NAME, T, UNSIGNED_A)                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(                                           \
         const u32* codes, const void* ascales, const u32* qweight, const void* wscales, const u32* lora_act, \

@@ -28,8 +28,8 @@
 // instead of more registers). The four warps' partial branch sums are added in shared memory in a
 // fixed order (warp 0 + 1 + 2 + 3): the result is bitwise reproducible.
 //
-// Output layouts (Mp = M rounded up to 128, G = K / 64). Everything is written, the padded rows
-// M..Mp-1 as the quantization of zero input, so kernel 2 reads no uninitialized memory:
+// Output layouts (Mp = M rounded up to kernel 2's rows per CTA, backend.py; G = K / 64). Everything is
+// written, the padded rows M..Mp-1 as the quantization of zero input, so kernel 2 reads no uninitialized memory:
 //   codes    u32 [Mp/16][G][32 lanes][4]: lane (g, t) of tile (mt, group) holds
 //            word 0: row g,     columns 8t..8t+7     word 1: row g + 8, columns 8t..8t+7
 //            word 2: row g,     columns 32+8t..+7    word 3: row g + 8, columns 32+8t..+7

@@ -264,7 +264,7 @@ def test_wgmma_kernel_2_runs_on_sm_90_only_when_asked(hopper, on):
     assert names == ["svdq_quantize_int4_bf16", gemm] * 2
     assert hopper.built == ([(build.WGMMA, [])] if on else [])  # built once, on the first plan
     assert [launch[1:3] for launch in hopper.launches[:2]] == [launch[1:3] for launch in
-                                                               backend.plan_w4a4(layer, x)[1]]
+                                                               backend.plan_w4a4(layer, x, wgmma=on)[1]]
 
 
 def test_wgmma_setting_leaves_nvfp4_and_other_gpus_alone(monkeypatch, caplog):
@@ -281,6 +281,28 @@ def test_wgmma_setting_leaves_nvfp4_and_other_gpus_alone(monkeypatch, caplog):
     assert [name for name, *_ in rtx.launches][1::2] == ["svdq_gemm_int4_bf16"] * 2 + ["svdq_gemm_nvfp4_bf16"]
     said = [r.getMessage() for r in caplog.records if backend.WGMMA_SETTING in r.getMessage()]
     assert len(said) == 1 and "sm_90" in said[0] and "Stub GPU" in said[0]
+
+
+@pytest.mark.parametrize("capability,rows", [((9, 0), 128), ((8, 9), 256), ((12, 0), 256)])
+def test_kernel_2_runs_with_its_own_row_tiles(monkeypatch, capability, rows):
+    """The wgmma kernel 2's CTAs are 128 rows, the mma.sync kernel's 256: with SVDQUANT_WGMMA=1 each GPU gets the
+    kernel it runs, launched over its own row tiles (an sm_90 plan run by the mma.sync kernel would read rows
+    past kernel 1's padded output)."""
+    monkeypatch.setattr(backend, "_plans", {})
+    monkeypatch.setattr(backend, "_noted", set())
+    monkeypatch.setattr(backend, "_wgmma_modules", {})
+    backend.use_wgmma(True)
+    try:
+        with stub_gpu(capability) as gpu:
+            gpu.device.variant = lambda unit, defines: types.SimpleNamespace(
+                get_function=lambda name: types.SimpleNamespace(kernel=gpu.kernel(name)))
+            backend.w4a4(random_w4a4(256, 256, 16, "int4"), _x(300, 256))
+    finally:
+        backend.use_wgmma(False)
+    (_, quantize_grid, _), (gemm, gemm_grid, _) = [launch[:3] for launch in gpu.launches]
+    assert gemm.startswith(backend._WGMMA_PREFIX) == (capability == (9, 0))
+    mp = -(-300 // rows) * rows  # kernel 1's outputs: 300 rows padded to the tile
+    assert quantize_grid[0] == mp // 16 and gemm_grid == (2, mp // rows, 1)
 
 
 @pytest.mark.parametrize("value,on", [(None, False), ("0", False), ("1", True)])
