@@ -165,3 +165,27 @@ def test_quantized_model_saves_in_the_published_layout(dense, reference, model_f
         out = model.diffusion_model(**inputs)
         assert torch.equal(load_node("ours.safetensors").model.diffusion_model(**inputs), out)
     assert relative_error(out, want) < MODEL_TOLERANCE
+
+
+def test_feed_forward_kept_16_bit_loads_as_its_two_linears(dense, reference, tmp_path):
+    """The pack's extension of the format (loaders/dense_layers.py): a layer kept 16-bit is stored as a plain
+    ``weight``; the fused net.0.proj of the first main block then gives ComfyUI's w3 and w1 their rows."""
+    from comfyui_svdquant.loaders.load import load_checkpoint
+
+    path = tmp_path / "kept.safetensors"
+    zimage_checkpoint(dense, path)
+    prefix = "layers.0.feed_forward.net.0.proj"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(prefix + ".")}
+        metadata = f.metadata()
+    ff = dense.diffusion_model.layers[0].feed_forward
+    tensors[f"{prefix}.weight"] = torch.cat([ff.w3.weight, ff.w1.weight]).detach().bfloat16()
+    save_file(tensors, str(path), metadata=metadata)
+    dm = load_checkpoint(path, "bfloat16", "torch").model.diffusion_model
+    for name in ("w1", "w3"):
+        linear = getattr(dm.layers[0].feed_forward, name)
+        assert linear.quantized is None and torch.equal(linear.weight, getattr(ff, name).weight), name
+    assert dm.layers[0].feed_forward.w2.quantized is not None and dm.layers[1].feed_forward.w1.quantized is not None
+    inputs, want = reference
+    with torch.no_grad():
+        assert relative_error(dm(**inputs), want) < MODEL_TOLERANCE
