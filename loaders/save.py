@@ -33,8 +33,6 @@ def checkpoint_tensors(diffusion_model: nn.Module) -> tuple[dict[str, torch.Tens
     if not leaves:
         raise SVDQuantError("the model has no SVDQuant layers; quantize it before saving it")
     tensors = parts.checkpoint_tensors(bodies)
-    if getattr(architecture, "leaf_names", "cpp") == "python":  # files of nunchaku's python backend (Z-Image)
-        tensors = {_python_leaf(key): value for key, value in tensors.items()}
     precisions, ranks = {m.precision for m in leaves}, {m.rank for m in leaves}
     if len(precisions) != 1 or len(ranks) != 1:
         raise SVDQuantError(f"a checkpoint holds one precision and one rank; this model mixes {sorted(precisions)} "
@@ -45,13 +43,16 @@ def checkpoint_tensors(diffusion_model: nn.Module) -> tuple[dict[str, torch.Tens
         tensor = diffusion_model.get_parameter(comfy_key).detach()
         tensor = architecture.convert_dense(comfy_key, tensor, to_file=True)
         tensors[file_key] = tensor.to(storage) if tensor.is_floating_point() else tensor
+    if architecture.python_leaf_names:
+        tensors = {_python_leaf(k): v for k, v in tensors.items()}
     metadata = architecture.metadata(unet_config, QuantizationInfo(precisions.pop(), ranks.pop()))
     return tensors, metadata
 
 
 def _python_leaf(key: str) -> str:
-    prefix, _, leaf = key.rpartition(".")
-    return f"{prefix}.{PYTHON_NAMES.get(leaf, leaf)}"
+    """``key`` with its leaf spelled as nunchaku's python modules name their parameters (``proj_down`` …)."""
+    prefix, dot, leaf = key.rpartition(".")
+    return prefix + dot + PYTHON_NAMES.get(leaf, leaf)
 
 
 def save_checkpoint(diffusion_model: nn.Module, path: str | os.PathLike,

@@ -329,14 +329,17 @@ STAND_INS: dict[str, Callable[[Path], None]] = {
     "diffusion_models/svdq-int4_r128-z-image-turbo.safetensors":
         lambda m: write_svdquant_zimage(m / "diffusion_models" / "svdq-int4_r128-z-image-turbo.safetensors"),
 }
+# Every picture the example workflows load (LoadImage), written into ComfyUI's input folder beside ``models``.
+INPUTS: dict[str, Callable[[Path], None]] = {}
 
 
 _built: Path | None = None  # the stand-ins this process has made, copied into every folder that asks
 
 
 def populate(models: Path) -> Path:
-    """Write every stand-in under ``models`` (a ComfyUI ``models`` folder); returns ``models``. They are made
-    once per process (quantizing takes a while) and copied from then on."""
+    """Write every stand-in under ``models`` (a ComfyUI ``models`` folder) and every input picture into the
+    ``input`` folder beside it; returns ``models``. They are made once per process (quantizing takes a while)
+    and copied from then on."""
     global _built
     if _built is None:
         _built = Path(tempfile.mkdtemp(prefix="svdquant-stand-ins-"))
@@ -346,4 +349,6 @@ def populate(models: Path) -> Path:
     for folder in ("diffusion_models", "text_encoders", "vae", "loras"):
         (_built / folder).mkdir(parents=True, exist_ok=True)
     shutil.copytree(_built, models, dirs_exist_ok=True)
+    for name, write in INPUTS.items():
+        write(models.parent / "input" / name)
     return models
