@@ -1,5 +1,6 @@
 """What the quantize-in-graph benchmarks share: ComfyUI in this process, small FLUX / SDXL models of ComfyUI's
-own classes with the activation outliers of trained models, prompts, sampling and the table header.
+own classes (and Z-Image) with the activation outliers of trained models, prompts, sampling and the table
+header.
 
 Needs ComfyUI: set COMFYUI_PATH to its folder. Runs on the GPU when there is one (else the CPU).
 """
@@ -99,6 +100,26 @@ def sdxl(channels: int = 64, seed: int = 0, outliers: float = 8.0):
             if ".transformer_blocks." in name and isinstance(module, torch.nn.LayerNorm):
                 picked = torch.randperm(module.weight.shape[0], generator=g)[:4]
                 module.weight[picked] *= outliers
+    return patcher_of(model)
+
+
+def zimage(seed: int = 0, outliers: float = 8.0):
+    """A Z-Image MODEL of ComfyUI's class (tests/tiny_zimage.py: width 256, Z-Image-Turbo's head size, 2 + 2
+    refiner blocks and 2 main blocks; needs ComfyUI 0.8+). ``outliers``: a few channels of every modulation's two
+    scale chunks get this bias, as for FLUX; the context refiners, which have no modulation, get them from their
+    input norms' gains."""
+    from tiny_zimage import tiny_zimage
+
+    model = tiny_zimage(seed)
+    dim = model.diffusion_model.dim
+    channels = torch.randperm(dim, generator=torch.Generator().manual_seed(seed + 100))[:4]
+    with torch.no_grad():
+        for name, module in model.diffusion_model.named_modules():
+            if name.endswith("adaLN_modulation.0") and hasattr(module, "bias"):  # not the final layer's SiLU
+                for chunk in (0, 2):  # scale_msa, scale_mlp
+                    module.bias[chunk * dim + channels] += outliers
+            elif name.startswith("context_refiner.") and name.endswith(("attention_norm1", "ffn_norm1")):
+                module.weight[channels] *= outliers
     return patcher_of(model)
 
 

@@ -89,8 +89,9 @@ class ZImageArchitecture:
         if quantization.get("skip_refiners") or _stored(reader, f"noise_refiner.0.{_MARKER}") is None:
             raise CheckpointError(reader.path, "its refiner blocks are 16-bit (quantized with skip_refiners); this "
                                   "pack loads Z-Image files whose refiners are quantized, as the published ones")
+        ffn = _stored(reader, "layers.0.feed_forward.net.0.proj")  # 4-bit, or kept 16-bit (see .dense_layers)
         for key in ("all_x_embedder.2-1.weight", "layers.0.attention.norm_q.weight",
-                    "layers.0.feed_forward.net.0.proj.qweight"):
+                    ffn or "layers.0.feed_forward.net.0.proj.qweight"):
             if key not in reader:
                 raise CheckpointError(reader.path, f"required tensor '{key}' is missing (not a Z-Image checkpoint?)")
         diffusers = reader.json("config", required=False) or {}
@@ -98,7 +99,7 @@ class ZImageArchitecture:
         head = reader.shape("layers.0.attention.norm_q.weight")[0]
         heads = diffusers.get("n_heads", dim // head)
         kv_heads = diffusers.get("n_kv_heads", heads)  # Z-Image's attention has as many k/v heads as q heads
-        hidden = reader.shape("layers.0.feed_forward.net.0.proj.qweight")[0] // 2
+        hidden = reader.shape(ffn)[0] // 2  # w3 ‖ w1 (4-bit rows are padded to 128: Z-Image's 2 × 10240 are not)
         rotary = {k: diffusers.get(k, v if head == sum(ROTARY["axes_dims"]) else None) for k, v in ROTARY.items()}
         if rotary["axes_dims"] is None or sum(rotary["axes_dims"]) != head:
             raise CheckpointError(reader.path, f"cannot tell the rotary axes of a Z-Image model with head size {head}: "

@@ -11,11 +11,11 @@ from safetensors.torch import save_file
 
 from nunchaku_fixture import quantization_config
 from tiny_models import mapping_errors, quantize, relative_error
-from tiny_zimage import TINY_ZIMAGE, tiny_zimage, zimage_inputs
+from tiny_zimage import TINY_ZIMAGE, tiny_zimage, zimage_inputs, zimage_shapes
 from zimage_fixture import zimage_checkpoint
 
 EXACT = 1e-5  # fp32 rounding of the same 16-bit tensors, as for FLUX
-MODEL_TOLERANCE = 0.25  # 4-bit activations through 6 blocks of a 256-wide model; measured 0.10-0.13
+MODEL_TOLERANCE = 0.25  # 4-bit activations through 6 blocks of a 256-wide model; measured 0.13 (INT4, rank 32)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +165,50 @@ def test_quantized_model_saves_in_the_published_layout(dense, reference, model_f
         out = model.diffusion_model(**inputs)
         assert torch.equal(load_node("ours.safetensors").model.diffusion_model(**inputs), out)
     assert relative_error(out, want) < MODEL_TOLERANCE
+
+
+def test_feed_forward_kept_16_bit_loads_as_its_two_linears(dense, reference, tmp_path):
+    """The pack's extension of the format (loaders/dense_layers.py): a layer kept 16-bit is stored as a plain
+    ``weight``; the fused net.0.proj of the first main block then gives ComfyUI's w3 and w1 their rows."""
+    from comfyui_svdquant.loaders.load import load_checkpoint
+
+    path = tmp_path / "kept.safetensors"
+    zimage_checkpoint(dense, path)
+    prefix = "layers.0.feed_forward.net.0.proj"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(prefix + ".")}
+        metadata = f.metadata()
+    ff = dense.diffusion_model.layers[0].feed_forward
+    tensors[f"{prefix}.weight"] = torch.cat([ff.w3.weight, ff.w1.weight]).detach().bfloat16()
+    save_file(tensors, str(path), metadata=metadata)
+    dm = load_checkpoint(path, "bfloat16", "torch").model.diffusion_model
+    for name in ("w1", "w3"):
+        linear = getattr(dm.layers[0].feed_forward, name)
+        assert linear.quantized is None and torch.equal(linear.weight, getattr(ff, name).weight), name
+    assert dm.layers[0].feed_forward.w2.quantized is not None and dm.layers[1].feed_forward.w1.quantized is not None
+    inputs, want = reference
+    with torch.no_grad():
+        assert relative_error(dm(**inputs), want) < MODEL_TOLERANCE
+
+
+def test_real_z_image_turbo_shapes_give_comfyuis_own_config(zimage_comfy):
+    """Z-Image-Turbo's own shapes (dim 3840, 30 heads, 30 blocks, Qwen3-4B's 2560-wide text): ComfyUI's table
+    matches them itself, and the layer table has the published widths."""
+    import comfy.model_detection
+    import comfy.supported_models
+
+    from comfyui_svdquant.loaders import detection
+    from comfyui_svdquant.loaders.architecture import all_layers
+    from comfyui_svdquant.loaders.zimage import ZImageArchitecture
+
+    real = dict(TINY_ZIMAGE, dim=3840, cap_feat_dim=2560, n_layers=30, n_heads=30, n_kv_heads=30)
+    shapes = zimage_shapes(real)
+    config = detection.model_config(ZImageArchitecture(), shapes)
+    assert type(config) is comfy.supported_models.ZImage
+    comfys_own = comfy.model_detection.detect_unet_config(shapes, "")
+    assert {k: config.unet_config[k] for k in comfys_own} == comfys_own  # nothing of ComfyUI's is overridden
+    assert config.unet_config["n_refiner_layers"] == 2
+    widths = {layer.module.split(".", 2)[2]: (layer.in_features, layer.out_features)
+              for layer in all_layers(ZImageArchitecture().blocks(config.unet_config))}
+    assert widths == {"attention.qkv": (3840, 11520), "attention.out": (3840, 3840), "feed_forward.w1": (3840, 10240),
+                      "feed_forward.w3": (3840, 10240), "feed_forward.w2": (10240, 3840)}
