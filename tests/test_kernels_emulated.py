@@ -42,14 +42,16 @@ HARNESS = r"""
     const u16*, const u16*, const float*, u16*, int, int, int, int, int) __attribute__((weak));
 #define V(name) extern "C" void name(const uint4*, const u16*, const u16*, const u16*, const u16*, u16*, int, int, \
     int, int) __attribute__((weak));
-#define KERNELS(X, Y, Z)                                                                                  \
+#define S(name) extern "C" void name(u32*, int, int, int) __attribute__((weak));
+#define KERNELS(X, W, Y, Z)                                                                                \
     X(svdq_quantize_int4_bf16) X(svdq_quantize_int4_fp16) X(svdq_quantize_uint4_bf16)                     \
     X(svdq_quantize_uint4_fp16) X(svdq_quantize_nvfp4_bf16) X(svdq_quantize_nvfp4_fp16)                   \
+    W(svdq_quantize_branch_sum_bf16) W(svdq_quantize_branch_sum_fp16)                                     \
     Y(svdq_gemm_int4_bf16) Y(svdq_gemm_int4_fp16) Y(svdq_gemm_uint4_bf16) Y(svdq_gemm_uint4_fp16)        \
     Y(svdq_gemm_nvfp4_bf16) Y(svdq_gemm_nvfp4_fp16)                                                      \
     Z(svdq_gemv_w4a16_bf16_m1) Z(svdq_gemv_w4a16_bf16_m2) Z(svdq_gemv_w4a16_bf16_m4)                     \
     Z(svdq_gemv_w4a16_fp16_m1) Z(svdq_gemv_w4a16_fp16_m2) Z(svdq_gemv_w4a16_fp16_m4)
-KERNELS(Q, G, V)
+KERNELS(Q, S, G, V)
 
 template <class P> P arg(uint64_t v) {
     if constexpr (std::is_pointer_v<P>) return reinterpret_cast<P>(v); else return (P)(int64_t)v;
@@ -71,7 +73,7 @@ template <class... P> int run(void (*fn)(P...), uint3 grid, unsigned block, cons
 extern "C" int emu_run(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned block,
                        const uint64_t* args, int n) {
     const uint3 grid = {gx, gy, gz};
-    KERNELS(RUN, RUN, RUN)
+    KERNELS(RUN, RUN, RUN, RUN)
     return 4;  // unknown name
 }
 """
@@ -161,7 +163,11 @@ CASES = [  # (arch, precision, unsigned, dtype, k, n, rank, m)
     (800, "int4", True, torch.bfloat16, 256, 128, 80, 1),     # rank 80: two rank passes; one row
     (800, "int4", False, torch.float16, 200, 129, 16, 20),    # padded K, odd output width
     (800, "int4", False, torch.bfloat16, 256, 128, 0, 17),    # no branch
-    (800, "int4", False, torch.bfloat16, 3072, 128, 32, 17),  # FLUX's K: 12 chunks, 48 pipelined steps
+    (800, "int4", False, torch.bfloat16, 3072, 128, 32, 17),  # FLUX's K: 6 K ranges of 2 chunks, summed
+    (800, "int4", True, torch.bfloat16, 1024, 128, 80, 5),    # 2 K ranges x 2 rank passes
+    (900, "int4", False, torch.bfloat16, 1280, 128, 32, 33),  # 2 K ranges of 3 and 2 chunks
+    (750, "int4", False, torch.float16, 1024, 128, 32, 3),    # split K with synchronous copies
+    (1200, "nvfp4", False, torch.bfloat16, 1536, 128, 32, 9),  # 3 K ranges
     (900, "int4", False, torch.bfloat16, 256, 256, 32, 33),
     (900, "int4", True, torch.float16, 256, 128, 48, 9),
     (750, "int4", False, torch.float16, 256, 128, 32, 21),
@@ -186,7 +192,9 @@ def test_w4a4_kernels_match_the_reference(emulators, arch, precision, unsigned, 
 
 
 @pytest.mark.parametrize("arch,dtype,m,k,n", [(800, torch.bfloat16, 1, 384, 256), (800, torch.bfloat16, 3, 256, 130),
-                                              (750, torch.float16, 2, 200, 128), (900, torch.float16, 7, 256, 128)])
+                                              (750, torch.float16, 2, 200, 128), (900, torch.float16, 7, 256, 128),
+                                              (900, torch.bfloat16, 2, 3072, 128),  # FLUX's K: 1.5 slabs of x
+                                              (800, torch.float16, 1, 4160, 128)])  # 3 slabs, the last 1 step
 def test_w4a16_kernel_matches_the_reference(emulators, arch, dtype, m, k, n):
     g = torch.Generator().manual_seed(k + n)
     layer = quantize_w4a16("mod", torch.randn(n, k, generator=g) * 0.02, torch.randn(n, generator=g), dtype)
