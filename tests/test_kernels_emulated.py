@@ -215,3 +215,61 @@ def test_w4a4_kernels_read_a_column_view_in_place(emulators, arch, precision):
     assert launches[0][3][0] is x and launches[0][3][7] == 640  # the view itself and its row stride
     execute(emulators(arch), launches)
     assert relative_error(y, layer.reference_forward(x.contiguous())) < 1e-3
+
+
+DIVISOR_CHECK = r"""
+#include "common.cuh"
+#include <cstdio>
+
+// Divisor (one reciprocal per divisor, a multiply and two FMAs per quotient) against IEEE division, over
+// every finite 16-bit x and every positive normal 16-bit divisor in range, with and without the GELU shift.
+static float xs[0x10000];
+
+static long check(bool bf16, bool shift) {
+    long wrong = 0;
+    for (u32 hx = 0; hx < 0x10000; hx++) {
+        xs[hx] = bf16 ? __uint_as_float(hx << 16) : ptx_f16_to_f32((u16)hx);
+        if (shift) xs[hx] = xs[hx] + 0.171875f;
+    }
+    for (u32 hb = 1; hb < 0x7F80; hb++) {
+        const float b = bf16 ? __uint_as_float(hb << 16) : ptx_f16_to_f32((u16)hb);
+        if (!(b >= 0x1p-125f && b <= 0x1p125f) || (!bf16 && hb >= 0x7C00)) continue;
+        const Divisor d = Divisor::of(b);
+        for (u32 hx = 0; hx < 0x10000; hx++) {
+            const float x = xs[hx], want = x / b, got = d(x);
+            if (!std::isfinite(x) || std::fabs(want) > 0x1p126f) continue;
+            if ((x != 0 && std::fabs(x) < 0x1p-100f) || (want != 0 && std::fabs(want) < 0x1p-100f)) continue;
+            if (float_bits(got) != float_bits(want) && !(got == 0 && want == 0)) {
+                if (wrong++ < 3) std::printf("%a / %a: %a, IEEE %a\n", x, b, got, want);
+            }
+        }
+    }
+    return wrong;
+}
+
+int main() {
+    long wrong = 0;
+    for (int bf16 = 0; bf16 < 2; bf16++)
+        for (int shift = 0; shift < 2; shift++) wrong += check(bf16, shift);
+    std::printf("%ld wrong\n", wrong);
+    return wrong != 0;
+}
+"""
+
+
+def test_one_reciprocal_per_divisor_gives_the_ieee_quotients(tmp_path):
+    """Kernel 1 divides by a smoothing factor or a scale with common.cuh's Divisor (a reciprocal computed once,
+    then x·y and one exact-residual correction per element) where the reference divides: every quotient
+    of a 16-bit input by a 16-bit divisor must be the IEEE one, bit for bit (+0 for -0 aside)."""
+    if CXX is None:
+        pytest.skip("needs g++ (C++17)")
+    shutil.copy(KERNELS / "common.cuh", tmp_path / "common.cuh")
+    (tmp_path / "ptx.cuh").write_text(f'#include "{KERNELS / "host_ptx.h"}"\n')
+    (tmp_path / "check.cpp").write_text(DIVISOR_CHECK)
+    exe = tmp_path / "check"
+    # -march=native: the CPU's own FMA instruction where it has one (libm's software fmaf is 10x slower)
+    built = subprocess.run([CXX, "-std=c++17", "-O2", "-march=native", "-ffp-contract=off",
+                            str(tmp_path / "check.cpp"), "-o", str(exe)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-4000:]
+    done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:]
