@@ -81,6 +81,7 @@ def _kernel_names() -> list[str]:
     dtypes = ("bf16", "fp16")
     w4a4 = [f"svdq_{kind}_{mode}_{dt}" for kind, mode, dt in
             itertools.product(("quantize", "gemm"), ("int4", "uint4", "nvfp4"), dtypes)]
+    w4a4 += [f"svdq_quantize_branch_sum_{dt}" for dt in dtypes]
     return w4a4 + [f"svdq_gemv_w4a16_{dt}_m{rows}" for dt, rows in itertools.product(dtypes, (1, 2, 4))]
 
 
