@@ -148,10 +148,13 @@ template <class T, int MODE> struct Kernel1 {
                 for (int half = 0; half < 2; half++) {
                     u32 packed = 0;
 #pragma unroll
-                    for (int e = 0; e < 8; e++) {  // clamping before rounding: the bounds are integers
+                    for (int e = 0; e < 8; e++) {
+                        // The reference clamps rint(q) to [-8, 7] (unsigned: [0, 15]), but |v| <= m and
+                        // scale = RN(m / 7) bound |q| by 7·(1 + 2^-23), so only an unsigned code of a
+                        // negative v (input below the GELU shift) is ever clamped (at 0, before rounding:
+                        // the bound is an integer).
                         const float q = div(v[half][e]);
-                        packed |= nibble_of(MODE == MODE_INT4 ? fminf(fmaxf(q, -8.0f), 7.0f)
-                                                              : fminf(fmaxf(q, 0.0f), 15.0f)) << (4 * e);
+                        packed |= nibble_of(MODE == MODE_INT4 ? q : fmaxf(q, 0.0f)) << (4 * e);
                     }
                     word[h][half] = packed;
                 }
