@@ -142,7 +142,9 @@ template <class T, int MODE> struct Kernel1 {
                 // the group's other 48 columns are in the lanes t ^ 1, t ^ 2 of the same row
                 m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 1));
                 m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 2));
-                scale[h] = MODE == MODE_INT4 ? m / 7.0f : fmaxf(m, 0.0f) / 15.0f;
+                // / 7 and / 15 as constant Divisors: the reciprocal folds at compile time (no FCHK, no
+                // slow path), the quotient is still the IEEE one
+                scale[h] = MODE == MODE_INT4 ? Divisor::of(7.0f)(m) : Divisor::of(15.0f)(fmaxf(m, 0.0f));
                 const Divisor div = Divisor::or_zero(scale[h]);
 #pragma unroll
                 for (int half = 0; half < 2; half++) {
@@ -177,7 +179,7 @@ template <class T, int MODE> struct Kernel1 {
 #pragma unroll
                     for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[e]));
                     m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 1));
-                    fp8[h][half] = f32_to_e4m3(m / 6.0f);
+                    fp8[h][half] = f32_to_e4m3(Divisor::of(6.0f)(m));  // IEEE m / 6, reciprocal folded
                     const Divisor div = Divisor::or_zero(e4m3_to_f32(fp8[h][half]));
                     u32 packed = 0;
 #pragma unroll

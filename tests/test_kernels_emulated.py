@@ -247,8 +247,20 @@ static long check(bool bf16, bool shift) {
     return wrong;
 }
 
-int main() {
+// The constant divisors of the scales (absmax / 7, max / 15, absmax / 6) over every fp32 significand: the
+// quotient's bits do not depend on the exponent inside the range.
+static long check_constant(float b) {
     long wrong = 0;
+    const Divisor d = Divisor::of(b);
+    for (u32 bits = 0x3F800000; bits < 0x40000000; bits++) {
+        const float x = __uint_as_float(bits);
+        if (float_bits(d(x)) != float_bits(x / b) && wrong++ < 3) std::printf("%a / %a: %a\n", x, b, d(x));
+    }
+    return wrong;
+}
+
+int main() {
+    long wrong = check_constant(7.0f) + check_constant(15.0f) + check_constant(6.0f);
     for (int bf16 = 0; bf16 < 2; bf16++)
         for (int shift = 0; shift < 2; shift++) wrong += check(bf16, shift);
     std::printf("%ld wrong\n", wrong);
@@ -260,7 +272,8 @@ int main() {
 def test_one_reciprocal_per_divisor_gives_the_ieee_quotients(tmp_path):
     """Kernel 1 divides by a smoothing factor or a scale with common.cuh's Divisor (a reciprocal computed once,
     then x·y and one exact-residual correction per element) where the reference divides: every quotient
-    of a 16-bit input by a 16-bit divisor must be the IEEE one, bit for bit (+0 for -0 aside)."""
+    of a 16-bit input by a 16-bit divisor, and of every fp32 by the scales' constant divisors, must be the
+    IEEE one, bit for bit (+0 for -0 aside)."""
     if CXX is None:
         pytest.skip("needs g++ (C++17)")
     shutil.copy(KERNELS / "common.cuh", tmp_path / "common.cuh")
