@@ -12,6 +12,9 @@ For every FLUX.1 and SDXL linear shape, the time and effective TOPS (2·M·N·K 
              fly with torch ops, torch._scaled_mm (activation quantization included in the time)
   emulated   on sm_90+ only: the same fused layer with the sm_80 kernel's native 4-bit MMA, which
              these GPUs emulate (what an INT4 engine without a Hopper path runs there)
+  wgmma      on sm_90 only: the same fused layer with the opt-in kernel 2 on warpgroup MMA
+             (gemm_w4a4_sm90.cu, SVDQUANT_WGMMA=1), its TOPS as a share of the INT8 dense tensor peak, its
+             speed-up over 16-bit and its relative error (the fused column is today's default path)
 and the relative error of the fused output against the reference path. Then the AdaLN modulation
 GEMV (W4A16, M = batch) against F.linear (speed-up = 16-bit time / fused time) and the reference path.
 Prints markdown tables with the device, the date and the versions. Weights are random (speed does not
@@ -109,9 +112,10 @@ def emulated_int4_gemm(device):
     return device.variant(build.FAMILIES["int4"][1], ["SVDQ_EMULATED_S4"]).get_function
 
 
-def with_emulated_gemm(device, get_function, layer, x: torch.Tensor):
-    """The fused layer with kernel 1 as usual and kernel 2 from ``get_function``."""
-    *kernel1, (gemm, *launch2) = backend.plan_w4a4(layer, x)[1]
+def with_kernel2(device, get_function, layer, x: torch.Tensor, wgmma: bool = False):
+    """The fused layer with kernel 1 as usual (with its split-K branch sum) and kernel 2 from ``get_function``:
+    (run, its output)."""
+    y, (*kernel1, (gemm, *launch2)) = backend.plan_w4a4(layer, x, wgmma=wgmma)
     gemm_fn = get_function(gemm)
 
     def run() -> None:
@@ -119,7 +123,18 @@ def with_emulated_gemm(device, get_function, layer, x: torch.Tensor):
             device.launch(layer.precision, name, *launch1)
         device.launch_function(gemm_fn, *launch2)
 
-    return run
+    return run, y
+
+
+def int8_peak_tops(device: torch.device) -> tuple[float, str]:
+    """The dense INT8 tensor-core rate of a Hopper GPU: 4096 multiply-adds per SM per clock at the maximum SM
+    clock (1979 TOPS for an H100 SXM or H200: 132 SMs at 1.83 GHz), and how the clock was found."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    try:  # cudaDevAttrClockRate (kHz)
+        mhz, source = runtime.import_cupy().cuda.runtime.deviceGetAttribute(13, device.index) / 1e3, "device"
+    except Exception:  # noqa: BLE001 (an attribute CUDA may drop: fall back to the SXM parts' boost clock)
+        mhz, source = 1830.0, "assumed"
+    return 2 * 4096 * sms * mhz / 1e6, f"{sms} SMs x 4096 MAC/clk x {mhz:.0f} MHz ({source})"
 
 
 def milliseconds(fn, iters: int) -> float:
@@ -157,7 +172,7 @@ def kernel1_bytes(m: int, k: int, rank: int, precision: str) -> int:
 
 
 def w4a4_row(name: str, k: int, n: int, m: int, precision: str, dtype: torch.dtype, rank: int, iters: int,
-             device, emulated, copy: float) -> str:
+             device, emulated, wgmma, copy: float) -> str:
     layer = random_w4a4(k, n, rank, precision, dtype, device)
     x = torch.randn(m, k, device=device, dtype=dtype)
     dense = torch.randn(n, k, device=device, dtype=dtype) * 0.02
@@ -181,7 +196,16 @@ def w4a4_row(name: str, k: int, n: int, m: int, precision: str, dtype: torch.dty
         else:
             cells.append("n/a")
     if emulated is not None:
-        cells.append(f"{milliseconds(with_emulated_gemm(*emulated, layer, x), iters):.3f}")
+        cells.append(f"{milliseconds(with_kernel2(*emulated, layer, x)[0], iters):.3f}")
+    if wgmma is not None:
+        gpu, peak = wgmma
+        run, y = with_kernel2(gpu, lambda name: backend.kernel_function(gpu, "int4", name), layer, x, wgmma=True)
+        ms = milliseconds(run, iters)
+        run()
+        ref = layer.reference_forward(x).double()
+        wgmma_error = float((y.double() - ref).norm() / ref.norm())
+        cells += [f"{ms:.3f}", f"{tops(flops, ms)} ({flops / ms / 1e9 / peak:.0%})", f"{sixteen / ms:.2f}x",
+                  f"{wgmma_error:.1e}"]
     ref = layer.reference_forward(x).double()
     error = float((layer(x).double() - ref).norm() / ref.norm())
     return f"| {name} | {m} | {k} | {n} | {' | '.join(cells)} | {reference:.2f} | {w4a16:.3f} | {error:.1e} |"
@@ -207,18 +231,25 @@ def bench(shapes, precision: str, dtype: torch.dtype, rank: int, iters: int, dev
                "16-bit TFLOPS", "speed-up"]
     if capability >= (8, 9):
         columns.append("FP8 row-wise ms")
-    emulated = None
+    emulated = wgmma = None
     if capability[0] >= 9 and precision == "int4":
         gpu = runtime.probe(device.index)
         emulated = (gpu, emulated_int4_gemm(gpu))
         columns.append("emulated INT4 ms")
+    if capability == (9, 0) and precision == "int4":
+        gpu = runtime.probe(device.index)
+        peak, how = int8_peak_tops(device)
+        wgmma = (gpu, peak)
+        columns += ["wgmma ms", "wgmma TOPS (% of INT8 peak)", "wgmma speed-up", "wgmma rel. error"]
+        print(f"\nINT8 dense peak {peak:.0f} TOPS: {how}")
     columns += ["reference ms", "W4A16 ms", "rel. error"]
     copy = copy_gbps(device, iters)
     print(f"\n### W4A4 {precision}, rank {rank}, {dtype_name} (copy bandwidth: {copy:.0f} GB/s)\n")
     print(f"| layer | M | K | N | {' | '.join(columns)} |")
     print("|---" * (4 + len(columns)) + "|")
     for name, k, n, m in shapes:
-        print(w4a4_row(name, k, n, m, precision, dtype, rank, iters, device, emulated, copy), flush=True)
+        print(w4a4_row(name, k, n, m, precision, dtype, rank, iters, device, emulated, wgmma, copy),
+              flush=True)
         torch.cuda.empty_cache()
     print(f"\n### W4A16 modulation GEMV, {dtype_name}\n")
     print("| layer | M | K | N | fused µs | fused GB/s (weights) | 16-bit µs | speed-up | reference µs | rel. error |")

@@ -1,19 +1,22 @@
-"""CPU cost of one fused layer call, without a GPU: everything the Python launch path does (device and
-dtype checks, planning, workspace allocation, argument packing, the stream lookup) with only CuPy's
-kernel launch replaced by a no-op. This is the time a FLUX step spends in Python before any kernel
-runs (about 500 quantized layer calls per step), so it is measured, not assumed.
+"""CPU cost of one fused layer call: everything the Python launch path does (device and dtype checks,
+the plan lookup, output and workspace, the argument buffers, the driver calls). This is the time a FLUX
+step spends in Python before any kernel runs (about 500 quantized layer calls per step), so it is
+measured, not assumed.
 
-    python benchmarks/launch_overhead.py                 # FLUX- and SDXL-shaped layers, INT4 and NVFP4
-    python benchmarks/launch_overhead.py --calls 20000
+    python benchmarks/launch_overhead.py                 # no GPU: the driver's launch call stubbed
+    python benchmarks/launch_overhead.py --gpu           # on a GPU: real launches, beside bf16 F.linear
 
-What is stubbed (tests/stub_gpu.py): ``cupy`` (kernel functions that only record the call), torch's
-current CUDA stream and the device probe; layers and inputs live on the CPU. Inputs are small (16 rows)
-so that CPU malloc stands in for the caching allocator's cost. Prints a markdown table with the date.
+Without ``--gpu`` (tests/stub_gpu.py): ``cupy``'s ``cuLaunchKernel`` binding does nothing, torch's current
+CUDA stream and the device probe are stubbed; layers and inputs live on the CPU, inputs are small (16 rows)
+so that CPU malloc stands in for the caching allocator's cost. With ``--gpu``: the CPU time of enqueuing
+calls in batches small enough that the GPU never makes the CPU wait (each batch synchronised before the
+clock starts), beside the same for torch's bf16 ``F.linear``. Prints a markdown table with the date.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import platform
 import statistics
@@ -22,12 +25,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import pack_import  # noqa: E402, F401, I001  (first: the pack as the package comfyui_svdquant, as the tests import it)
 from stub_gpu import cuda_looking, stub_gpu  # noqa: E402, I001
 from test_layers import random_w4a4  # noqa: E402, I001
 
+from comfyui_svdquant import kernels  # noqa: E402
 from comfyui_svdquant.kernels import backend  # noqa: E402
 
 SHAPES = {  # name: (in, out, rank); rank 32 as the published FLUX checkpoints
@@ -35,17 +40,25 @@ SHAPES = {  # name: (in, out, rank); rank 32 as the published FLUX checkpoints
     "FLUX mlp 12288→3072": (12288, 3072, 32),
     "SDXL attn 640→640": (640, 640, 32),
 }
+BATCH = 100  # calls enqueued between synchronisations on a GPU (200 launches: far below the launch queue)
 
 
-def per_call_us(fn, calls: int) -> float:
-    for _ in range(calls // 10):
+def per_call_us(fn, calls: int, sync=None) -> float:
+    """Median over 5 runs of the CPU time per call of ``fn``, timed in batches of ``BATCH`` (each
+    preceded by ``sync``, outside the clock) so that a GPU never holds the CPU back."""
+    for _ in range(max(calls // 10, 1)):
         fn()
     runs = []
     for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        runs.append((time.perf_counter() - start) / calls * 1e6)
+        spent = 0.0
+        for _ in range(max(calls // BATCH, 1)):
+            if sync:
+                sync()
+            start = time.perf_counter()
+            for _ in range(BATCH):
+                fn()
+            spent += time.perf_counter() - start
+        runs.append(spent / (max(calls // BATCH, 1) * BATCH) * 1e6)
     return statistics.median(runs)
 
 
@@ -53,22 +66,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--gpu", action="store_true", help="real launches on the current CUDA GPU")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with stub_gpu() as gpu:
-        print(f"Launch-path CPU cost per layer call, {args.rows} rows, launches stubbed; {datetime.date.today()}, "
+    if args.gpu:
+        print(f"SVDQuant: {kernels.enable('cuda')}")
+        device, sync, where = torch.device("cuda"), torch.cuda.synchronize, torch.cuda.get_device_name()
+    else:
+        device, sync, where = torch.device("cpu"), None, "launches stubbed"
+    with contextlib.nullcontext() if args.gpu else stub_gpu(record=False):
+        print(f"Launch-path CPU cost per layer call, {args.rows} rows, {where}; {datetime.date.today()}, "
               f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, torch "
               f"{torch.__version__}\n")
-        print("| layer | precision | µs per call |")
-        print("| --- | --- | ---: |")
+        print("| layer | precision | µs per call |" + (" bf16 F.linear µs |" if args.gpu else ""))
+        print("| --- | --- | ---: |" + (" ---: |" if args.gpu else ""))
         for name, (k, n, rank) in SHAPES.items():
             for precision in ("int4", "nvfp4"):
-                layer = random_w4a4(k, n, rank, precision)
-                x = cuda_looking(torch.randn(args.rows, k, dtype=torch.bfloat16))
-                assert backend.w4a4(layer, x) is not None, "the stubbed kernel path was not taken"
-                cost = per_call_us(lambda layer=layer, x=x: backend.w4a4(layer, x), args.calls)
-                print(f"| {name} | {precision} | {cost:.1f} |")
-                gpu.launches.clear()
+                layer = random_w4a4(k, n, rank, precision).to(device)
+                x = torch.randn(args.rows, k, dtype=torch.bfloat16, device=device)
+                x = x if args.gpu else cuda_looking(x)
+                if backend.w4a4(layer, x) is None:
+                    print(f"| {name} | {precision} | (reference path on this GPU) |" + (" |" if args.gpu else ""))
+                    continue
+                cost = per_call_us(lambda layer=layer, x=x: backend.w4a4(layer, x), args.calls, sync)
+                row = f"| {name} | {precision} | {cost:.1f} |"
+                if args.gpu:
+                    w = torch.randn(n, k, dtype=torch.bfloat16, device=device)
+                    row += f" {per_call_us(lambda w=w, x=x: F.linear(x, w), args.calls, sync):.1f} |"
+                print(row)
+
 
 if __name__ == "__main__":
     main()

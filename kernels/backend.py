@@ -16,6 +16,7 @@ allocates its output and one workspace, fills in their addresses and the input's
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -43,6 +44,12 @@ _MAX_PLANS = 4096  # a FLUX model has ~500 quantized layers, each seeing a few i
 Launch = tuple  # (kernel name, grid (x, y, z), threads per block, arguments)
 _noted: set[str] = set()
 _last_choice: str | None = None
+# Opt-in: INT4 kernel 2 on wgmma (gemm_w4a4_sm90.cu) on sm_90 GPUs (H100, H200). Off by default until it is
+# measured faster than the mma.sync kernel there; set to 1 before starting ComfyUI, or call use_wgmma.
+WGMMA_SETTING = "SVDQUANT_WGMMA"
+_wgmma = os.environ.get(WGMMA_SETTING, "0") == "1"
+_WGMMA_PREFIX = "svdq_gemm_wgmma_"
+_wgmma_modules: dict[int, object] = {}  # device index → the loaded wgmma module
 
 
 class _Slot(str):
@@ -56,8 +63,7 @@ X, Y, CODES, ASCALES, LORA_ACT = _SLOTS = tuple(_Slot(n) for n in ("x", "y", "co
 class _Plan:
     device: runtime.Device
     family: str
-    # (function, grid, block, packed arguments, (position, slot index) of each per-call argument)
-    launches: list[tuple[object, tuple[int, int, int], int, tuple, tuple[tuple[int, int], ...]]]
+    launches: tuple[runtime.Launch, ...]  # the per-call slots index (X, Y, CODES, ASCALES, LORA_ACT)
     workspace: int  # int32 words of the three workspaces (W4A4), 0 for none
     offsets: tuple[int, ...]  # byte offsets of codes, ascales, lora_act in it
     keep: list[torch.Tensor]  # weight copies made to meet the kernels' alignment, alive while the plan is
@@ -140,7 +146,7 @@ def _input(x: torch.Tensor, layer: torch.nn.Module) -> tuple[torch.Tensor, int, 
 
 def _output(out: torch.Tensor | None, m: int, n: int, like: torch.Tensor) -> torch.Tensor:
     if out is None:
-        return torch.empty((m, n), dtype=like.dtype, device=like.device)
+        return like.new_empty((m, n))
     if out.shape != (m, n) or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous ({m}, {n}) {like.dtype} tensor on {like.device}")
     return out
@@ -150,6 +156,14 @@ def _dtype_name(layer: torch.nn.Module) -> str:
     return "bf16" if layer.compute_dtype == torch.bfloat16 else "fp16"
 
 
+def use_wgmma(on: bool) -> None:
+    """Run INT4 kernel 2 on wgmma where the GPU is sm_90 (what SVDQUANT_WGMMA=1 sets at import); plans made
+    before are dropped."""
+    global _wgmma
+    _wgmma = on
+    _plans.clear()
+
+
 def _kernel1_ranges(tiles: int, kp: int) -> int:
     """How many K ranges kernel 1 splits ``kp`` columns into, for ``tiles`` CTAs per range; none empty."""
     chunks = -(-kp // _KERNEL1_CHUNK)
@@ -157,10 +171,12 @@ def _kernel1_ranges(tiles: int, kp: int) -> int:
     return -(-chunks // -(-chunks // ranges))
 
 
-def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int) -> tuple[list[Launch], tuple[int, int, int]]:
+def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int,
+                   wgmma: bool = False) -> tuple[list[Launch], tuple[int, int, int]]:
     """Kernel 1 (with its split-K branch sum when K is split) and kernel 2 of a W4A4 forward of ``m`` rows
     (arguments: weight tensors, None, ints and the per-call slots), and the workspace words they share
-    (codes, ascales, lora_act; the branch sums of a split K follow lora_act)."""
+    (codes, ascales, lora_act; the branch sums of a split K follow lora_act). ``wgmma``: kernel 2 of an INT4
+    layer is gemm_w4a4_sm90.cu's (same arguments, grid and block)."""
     np_, kp, rank = layer.qweight.shape[0], layer.qweight.shape[1] * 2, layer.rank
     mp = packing.round_up(m, _ROW_TILE)
     nvfp4 = layer.precision == "nvfp4"
@@ -177,7 +193,7 @@ def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int) -> tuple[l
         (f"svdq_quantize_{suffix}", (mp // 16, ranges, rank_passes), 128,
          [X, layer.smooth_factor, layer.proj_down, CODES, ASCALES, LORA_ACT, m, ldx, kx, kp, rank, mp]),
         *branch_sum,
-        (f"svdq_gemm_{suffix}", (np_ // 128, mp // _ROW_TILE, 1), 256,
+        (f"{_WGMMA_PREFIX if wgmma and not nvfp4 else 'svdq_gemm_'}{suffix}", (np_ // 128, mp // _ROW_TILE, 1), 256,
          [CODES, ASCALES, layer.qweight, layer.wscales, LORA_ACT, layer.proj_up, layer.bias,
           layer.wcscales if nvfp4 else None, layer.wtscale if nvfp4 else None, Y, m, layer.out_features, kp, rank,
           mp]),
@@ -201,12 +217,13 @@ def _readable(launches: list[Launch], values: dict[_Slot, torch.Tensor]) -> list
                                  else a for a in args]) for name, grid, block, args in launches]
 
 
-def plan_w4a4(layer: torch.nn.Module, x: torch.Tensor,
-              out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Launch]]:
+def plan_w4a4(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = None,
+              wgmma: bool = False) -> tuple[torch.Tensor, list[Launch]]:
     """The output and the two launches (kernel 1, kernel 2) of a W4A4 forward of a 2-D input with at least
-    one row, with tensors (device pointers), None (null) and ints as arguments (tests, benchmarks)."""
+    one row, with tensors (device pointers), None (null) and ints as arguments (tests, benchmarks).
+    ``wgmma``: kernel 2 of an INT4 layer on wgmma (sm_90a; :func:`kernel_function` finds it)."""
     x, ldx, kx = _input(x, layer)
-    launches, words = _w4a4_launches(layer, x.shape[0], ldx, kx)
+    launches, words = _w4a4_launches(layer, x.shape[0], ldx, kx, wgmma)
     codes, ascales, lora_act = _workspaces(words, x.device)
     y = _output(out, x.shape[0], layer.out_features, x)
     return y, _readable(launches, {X: x, Y: y, CODES: codes, ASCALES: ascales, LORA_ACT: lora_act})
@@ -221,15 +238,33 @@ def plan_w4a16(layer: torch.nn.Module, x: torch.Tensor,
 
 
 def _pack(arg: object, keep: list[torch.Tensor]) -> object:
-    """A constant launch argument as the driver takes it: a device pointer, a null pointer or an int32."""
+    """A launch argument as the driver takes it: a device pointer, a null pointer or an int32 (a per-call
+    argument: a null pointer until the call fills it in)."""
     if isinstance(arg, _Slot):
-        return arg
+        return np.uint64(0)
     if isinstance(arg, torch.Tensor):
         ready = _ready(arg)
         if ready is not arg:
             keep.append(ready)
         arg = ready
     return runtime.packed(arg)
+
+
+def kernel_function(device: runtime.Device, family: str, name: str):
+    """The loaded kernel ``name`` of ``family`` on ``device``; the wgmma kernel 2 comes from its own module,
+    built on first use, and on a GPU other than sm_90 its mma.sync twin runs instead (said once)."""
+    if name.startswith(_WGMMA_PREFIX):
+        if device.capability == build.capability_of(build.WGMMA_ARCH):
+            module = _wgmma_modules.get(device.index)
+            if module is None:
+                module = _wgmma_modules[device.index] = device.variant(build.WGMMA, [])
+            return module.get_function(name).kernel
+        if WGMMA_SETTING not in _noted:
+            _noted.add(WGMMA_SETTING)
+            log.info("SVDQuant: %s=1 applies to sm_90 GPUs (H100, H200); %s runs the mma.sync kernel 2",
+                     WGMMA_SETTING, device.name)
+        name = "svdq_gemm_" + name.removeprefix(_WGMMA_PREFIX)
+    return device.function(family, name)
 
 
 def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, launches: list[Launch],
@@ -248,9 +283,10 @@ def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, 
     if device is None:
         return f"{what}: no kernel on cuda:{x.device.index}"
     keep: list[torch.Tensor] = []
-    packed = [(device.function(family, name), grid, block, tuple(_pack(a, keep) for a in args),
-               tuple((i, _SLOTS.index(a)) for i, a in enumerate(args) if isinstance(a, _Slot)))
-              for name, grid, block, args in launches]
+    packed = tuple(runtime.prepare(kernel_function(device, family, name), grid, block,
+                                   tuple(_pack(a, keep) for a in args),
+                                   tuple((i, _SLOTS.index(a)) for i, a in enumerate(args) if isinstance(a, _Slot)))
+                   for name, grid, block, args in launches)
     words = workspace or (0,)
     return _Plan(device, family, packed, sum(words), tuple(4 * sum(words[:i]) for i in range(len(words))), keep)
 
@@ -264,12 +300,12 @@ def _plan_key(layer: torch.nn.Module, x: torch.Tensor, *shape: int) -> tuple:
     is a module (read through its buffer table: a module's attribute lookup is slow) or a custom op's view
     of one (svdquant/torch_ops.py)."""
     buffers = getattr(layer, "_buffers", None)
-    tensors = [buffers.get(n) for n in _TENSORS] if buffers is not None else [getattr(layer, n, None)
-                                                                              for n in _TENSORS]
-    w4a4 = isinstance(layer, W4A4Reference)
-    return (*shape, x.dtype, x.device.index, layer.kernel_backend, layer.out_features,
-            (layer.precision, layer.act_unsigned, tensors[4].shape) if w4a4 else "w4a16", tensors[0].shape,
-            *[None if t is None else t.data_ptr() for t in tensors])
+    if buffers is None:
+        buffers = {name: getattr(layer, name, None) for name in _TENSORS}
+    kind = (layer.precision, layer.act_unsigned, buffers["proj_down"].shape) if isinstance(layer, W4A4Reference) \
+        else "w4a16"
+    return (*shape, x.dtype, x.get_device(), layer.kernel_backend, layer.out_features, kind, buffers["qweight"].shape,
+            *[0 if t is None else t.data_ptr() for t in buffers.values()])
 
 
 def _cached(key: tuple, plan: _Plan | str) -> _Plan | str:
@@ -282,19 +318,15 @@ def _cached(key: tuple, plan: _Plan | str) -> _Plan | str:
 def _run(plan: _Plan, key: tuple, layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
     """Launch a plan; False (said once, and this layer and shape falls back from now on) when the driver
     refuses a launch but the GPU stays usable."""
-    values = [np.uint64(x.data_ptr()), np.uint64(y.data_ptr())]
-    if plan.workspace:  # one allocation, served by torch's caching allocator, for the three workspaces
-        workspace = torch.empty(plan.workspace, dtype=torch.int32, device=x.device)  # held past the launches
-        base = workspace.data_ptr()
-        values += [np.uint64(base + offset) for offset in plan.offsets]
     device = plan.device
     stream = device.stream()
+    values = [x.data_ptr(), y.data_ptr()]
+    if plan.workspace:  # the three workspaces in one buffer
+        workspace = device.workspace(plan.workspace, stream, x.device)  # held past the launches
+        base = workspace.data_ptr()
+        values += [base + offset for offset in plan.offsets]
     try:
-        for function, grid, block, packed, slots in plan.launches:
-            args = list(packed)
-            for position, slot in slots:
-                args[position] = values[slot]
-            device.launch_packed(function, grid, block, tuple(args), stream)
+        device.run(plan.launches, values, stream)
     except runtime.LaunchError as exc:
         where = f"{_label(layer)} with a {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} input"
         if exc.sticky:
@@ -320,7 +352,8 @@ def w4a4(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = Non
     plan = _plans.get(key)
     if plan is None:
         family = layer.precision  # "int4" | "nvfp4"
-        plan = _cached(key, _make_plan(layer, x, family, f"{family} W4A4 layers", *_w4a4_launches(layer, m, ldx, kx)))
+        plan = _cached(key, _make_plan(layer, x, family, f"{family} W4A4 layers",
+                                       *_w4a4_launches(layer, m, ldx, kx, _wgmma)))
     if plan.__class__ is str:
         return None
     y = _output(out, m, layer.out_features, x)

@@ -59,6 +59,11 @@ FAMILIES = {
     "w4a16": (Unit("gemv_w4a16.cu"),),
 }
 
+# INT4 kernel 2 on Hopper's warpgroup MMA (wgmma, sm_90a only): no family of its own, since kernel 1 and the
+# launch are the int4 family's; loaded only where the user opts in (backend.WGMMA_SETTING), as a variant module.
+WGMMA = Unit("gemm_w4a4_sm90.cu", "SVDQ_FAMILY_INT4")
+WGMMA_ARCH = "sm_90a"
+
 # The targets CI builds and inspects (one per GPU generation the pack supports).
 CI_TARGETS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_120a")
 

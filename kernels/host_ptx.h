@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -87,6 +88,7 @@ struct Cta {
 };
 
 inline Cta* cta = nullptr;
+inline unsigned cta_serial = 0;  // counts the CTAs run: per-CTA state elsewhere is keyed on it
 inline Fiber* current = nullptr;
 inline ucontext_t scheduler;
 inline uint3 block_index, grid_size, block_size;
@@ -117,6 +119,7 @@ inline bool run_cta(unsigned threads, const std::function<void()>& body) {
     c.slots.assign(c.warps.size() * 32 * SLOT, 0);
     c.body = body;
     cta = &c;
+    cta_serial++;
     for (unsigned i = 0; i < threads; i++) {
         Fiber& f = c.fibers[i];
         f.stack.resize(STACK);
@@ -393,4 +396,157 @@ inline void ptx_mma_fp4(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1, u32 sf
     const int g = emu::lane() / 4, t = emu::lane() % 4;
     for (int i = 0; i < 4; i++)
         for (int k = 0; k < 64; k++) d[i] = std::fma(A[g + 8 * (i >> 1)][k], B[k][2 * t + (i & 1)], d[i]);
+}
+
+// ---- warpgroup MMA (sm_90a; the emulated build defines __CUDA_ARCH_FEAT_SM90_ALL) -------------------
+// wgmma is asynchronous: an mma_async only records its operands (where the registers are, the shared-
+// memory descriptor), and wgmma.wait_group executes the retired groups, reading the A registers, the
+// accumulators and shared memory THEN. A kernel that touches them between issue and wait, or overwrites
+// the operand in shared memory too early, therefore computes wrong numbers here, as it may on a GPU.
+// Executing one MMA is a warpgroup exchange (128 threads, consecutive slots of the warps' slot array):
+// the first thread through computes the 64xN product for the group, each thread takes its fragment.
+// Only what the kernels use is implemented (m64n128k32, A in registers, B K-major without swizzling);
+// anything else aborts naming what it met.
+namespace emu {
+
+struct WgmmaOp {
+    int* d;         // the thread's 64 accumulators
+    const u32* a;   // its 4 A registers
+    unsigned long long desc;
+    bool unsigned_a;
+    unsigned group;  // commit groups issued before this op
+};
+
+struct WgmmaThread {
+    std::vector<WgmmaOp> ops;
+    unsigned committed = 0;
+};
+
+struct Warpgroups {
+    unsigned owner = 0;  // cta_serial of the CTA this state belongs to
+    std::vector<Barrier> barriers;
+    std::vector<std::vector<int>> products;  // [warpgroup][64 x 128]
+    std::vector<unsigned> tags;              // barrier generation the product was computed for
+    std::vector<WgmmaThread> threads;
+};
+
+inline Warpgroups warpgroups;
+
+[[noreturn]] inline void wgmma_abort(const char* what) {
+    std::fprintf(stderr, "emulated wgmma, CTA (%u, %u, %u) thread %u: %s\n", block_index.x, block_index.y,
+                 block_index.z, current->thread.x, what);
+    std::abort();
+}
+
+inline Warpgroups& warpgroups_of_cta() {
+    Warpgroups& w = warpgroups;
+    if (w.owner != cta_serial) {
+        for (const WgmmaThread& t : w.threads)
+            if (!t.ops.empty()) wgmma_abort("the previous CTA ended with wgmma that no wait_group retired");
+        const size_t threads = cta->fibers.size();
+        if (threads % 128) wgmma_abort("the block is not a whole number of warpgroups");
+        w.barriers.assign(threads / 128, Barrier{});
+        for (Barrier& b : w.barriers) b.count = 128;
+        w.products.assign(threads / 128, std::vector<int>(64 * 128));
+        w.tags.assign(threads / 128, ~0u);
+        w.threads.assign(threads, WgmmaThread{});
+        w.owner = cta_serial;
+    }
+    return w;
+}
+
+// The emulated shared-memory window: descriptors hold 18-bit addresses, so they are taken relative to a
+// point 128 KB below the first address a CTA describes (all of a kernel's shared memory lies within
+// 128 KB of that). Reset for every CTA: each kernel's `__shared__` variables are statics of their own.
+inline uintptr_t shared_window = 0;
+inline unsigned shared_window_owner = 0;  // cta_serial
+
+inline const unsigned char* shared_address(unsigned long long field14) {
+    return reinterpret_cast<const unsigned char*>(shared_window + (field14 << 4));
+}
+
+// D = A·B of one m64n128k32 for the warpgroup of `all` (128 threads' operands).
+inline void wgmma_product(const WgmmaOp* const* all, int* product) {
+    const unsigned long long desc = all[0]->desc;
+    const bool ua = all[0]->unsigned_a;
+    static int A[64][32], B[32][128];
+    for (int l = 0; l < 128; l++) {
+        if (all[l]->desc != desc || all[l]->unsigned_a != ua) wgmma_abort("threads of one warpgroup disagree on an operand");
+        const int w = l / 32, g = (l % 32) / 4, t = l % 4;
+        for (int r = 0; r < 4; r++)
+            for (int i = 0; i < 4; i++) A[16 * w + g + 8 * (r & 1)][4 * t + i + 16 * (r >> 1)] = byte_of(all[l]->a[r], i, !ua);
+    }
+    if ((desc >> 49) & 7) wgmma_abort("descriptor base offset is not 0");
+    if (desc >> 62) wgmma_abort("swizzled shared-memory layouts are not emulated");
+    const unsigned char* start = shared_address(desc & 0x3FFF);
+    const size_t lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
+    // K-major, no swizzle: core matrices of 8 rows (n) x 16 bytes (k); LBO steps k by 16, SBO n by 8.
+    for (int n = 0; n < 128; n++)
+        for (int k = 0; k < 32; k++) B[k][n] = (signed char)start[(n / 8) * sbo + (k / 16) * lbo + (n % 8) * 16 + k % 16];
+    for (int m = 0; m < 64; m++)
+        for (int n = 0; n < 128; n++) {
+            int s = 0;
+            for (int k = 0; k < 32; k++) s += A[m][k] * B[k][n];
+            product[128 * m + n] = s;
+        }
+}
+
+inline void wgmma_execute(const WgmmaOp& op) {
+    Warpgroups& w = warpgroups_of_cta();
+    const unsigned tid = current->thread.x, group = tid / 128, lane = tid % 32, warp = (tid % 128) / 32;
+    unsigned char* slots = &cta->slots[(size_t)group * 128 * SLOT];
+    const WgmmaOp* mine = &op;
+    std::memcpy(slots + (tid % 128) * SLOT, &mine, sizeof mine);
+    Barrier& barrier = w.barriers[group];
+    wait(barrier);
+    if (w.tags[group] != barrier.generation) {
+        const WgmmaOp* all[128];
+        for (int l = 0; l < 128; l++) std::memcpy(&all[l], slots + l * SLOT, sizeof all[l]);
+        wgmma_product(all, w.products[group].data());
+        w.tags[group] = barrier.generation;
+    }
+    const int* product = w.products[group].data();
+    const int g = lane / 4, t = lane % 4;
+    for (int j = 0; j < 16; j++)
+        for (int e = 0; e < 4; e++) {
+            const int v = product[128 * (16 * warp + g + 8 * (e >> 1)) + 8 * j + 2 * t + (e & 1)];
+            op.d[4 * j + e] = (int)((u32)op.d[4 * j + e] + (u32)v);  // int32 wrap-around, as the hardware
+        }
+    wait(barrier);  // the slots may be reused after everyone has read them
+}
+
+}  // namespace emu
+
+inline unsigned long long ptx_smem_desc(const void* smem, u32 lbo, u32 sbo) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(smem);
+    if (emu::shared_window_owner != emu::cta_serial) {
+        emu::shared_window = (address & ~uintptr_t(15)) - (128u << 10);
+        emu::shared_window_owner = emu::cta_serial;
+    }
+    const uintptr_t offset = address - emu::shared_window;
+    if (address % 16 || offset >= (1u << 18)) emu::wgmma_abort("descriptor address unaligned or outside the window");
+    return (unsigned long long)(offset >> 4) | (unsigned long long)((lbo & 0x3FFFF) >> 4) << 16 |
+           (unsigned long long)((sbo & 0x3FFFF) >> 4) << 32;
+}
+
+inline void ptx_wgmma_fence() {}
+inline void ptx_fence_proxy_async() {}
+template <int N> void ptx_hold(int (&)[N]) {}
+
+template <bool UA> void ptx_wgmma_m64n128k32_s8(int (&d)[64], const u32 (&a)[4], unsigned long long b) {
+    emu::WgmmaThread& me = emu::warpgroups_of_cta().threads[emu::current->thread.x];
+    me.ops.push_back({d, a, b, UA, me.committed});
+}
+
+inline void ptx_wgmma_commit() {
+    emu::warpgroups_of_cta().threads[emu::current->thread.x].committed++;
+}
+
+template <int N> void ptx_wgmma_wait() {
+    emu::WgmmaThread& me = emu::warpgroups_of_cta().threads[emu::current->thread.x];
+    size_t done = 0;
+    while (done < me.ops.size() && me.ops[done].group + N < me.committed) done++;
+    const std::vector<emu::WgmmaOp> retired(me.ops.begin(), me.ops.begin() + done);
+    me.ops.erase(me.ops.begin(), me.ops.begin() + done);
+    for (const emu::WgmmaOp& op : retired) emu::wgmma_execute(op);
 }

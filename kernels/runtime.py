@@ -2,8 +2,9 @@
 
 CuPy is imported here, lazily (only when a CUDA tensor meets a quantized layer or :func:`probe` is
 called), so importing the pack never needs CuPy, a GPU or a compiler. The kernels are ``cupy.RawModule``s
-(see build.py: NVRTC, CuPy's kernel cache), launched on torch's current stream with the tensors' device
-pointers (zero copy).
+(see build.py: NVRTC, CuPy's kernel cache), launched through the driver (CuPy's ``cuLaunchKernel`` binding)
+on torch's current stream with the tensors' device pointers (zero copy), from argument buffers made once
+per plan (:class:`Launch`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from . import build
 class Unavailable(RuntimeError):
     """The kernels cannot run in this process or on this GPU; the message says why."""
 
+
+# The workspace kept per stream (int32 words, 4 MiB): kernel 1's outputs for up to 1024 tokens of FLUX's
+# widest input (12288). Calls that need more run long enough on the GPU to hide an allocation.
+SCRATCH_WORDS = 1 << 20
 
 # CUDA driver errors after which the context is unusable (illegal address, hardware stack error, illegal
 # instruction, misaligned address, invalid address space, invalid PC, launch failed): every later call
@@ -45,6 +50,39 @@ def packed(arg: torch.Tensor | int | None):
     if isinstance(arg, torch.Tensor):
         return np.uint64(arg.data_ptr())
     return np.uint64(0) if arg is None else np.int32(arg)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as ``cuLaunchKernel`` takes it, made once and reused for every call.
+
+    ``params`` holds one 8-byte slot per kernel argument: a device pointer, or an int32 in its low half (the
+    driver reads each argument's own size from the start of its slot; CUDA hosts are little-endian).
+    ``pointers`` holds the address of each slot: the driver's ``kernelParams``, at ``kernel_params``. The
+    constant arguments are written once; a call writes only its per-call ones (``slots``: argument position
+    → index into the call's values) and launches, making no Python object per argument."""
+
+    head: tuple[int, ...]  # cuLaunchKernel's arguments before the stream: CUfunction, grid, block, shared bytes
+    params: np.ndarray
+    pointers: np.ndarray
+    kernel_params: int
+    slots: tuple[tuple[int, int], ...]
+
+
+def prepare(function, grid: tuple[int, int, int], block: int, args: tuple,
+            slots: tuple[tuple[int, int], ...] = ()) -> Launch:
+    """A :class:`Launch` of ``function`` (a ``cupy.cuda.Function``, or a RawModule's RawKernel) with
+    ``args`` as :func:`packed` gives them; the positions in ``slots`` are filled per call."""
+    function = getattr(function, "kernel", function)
+    params = np.zeros(len(args), dtype=np.uint64)
+    halves = params.view(np.int32)
+    for i, arg in enumerate(args):
+        if isinstance(arg, np.int32):
+            halves[2 * i] = arg
+        else:
+            params[i] = arg
+    pointers = params.ctypes.data + 8 * np.arange(len(args), dtype=np.uint64)
+    return Launch((function.ptr, *grid, block, 1, 1, 0), params, pointers, pointers.ctypes.data, slots)
 
 
 def torch_cuda_major() -> int:
@@ -87,8 +125,10 @@ class Device:
     unsupported: dict[str, str] = field(default_factory=dict)  # family → reason
     _modules: dict[str, list] = field(default_factory=dict)  # family → its loaded cupy.RawModules
     _functions: dict[str, object] = field(default_factory=dict)  # kernel name → cupy.cuda.Function
-    _streams: dict[int, object] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _launching: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _api: tuple | None = field(default=None, repr=False, compare=False)  # CuPy's driver calls, bound on first use
+    _scratch: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)  # stream → buffer
 
     def load(self, family: str) -> None:
         """Compile (or take from CuPy's kernel cache) and load a family, once however many threads ask at
@@ -143,30 +183,52 @@ class Device:
     def launch_function(self, function, grid: tuple[int, int, int], block: int, args: list) -> None:
         """Launch a CuPy kernel (a Function, or a RawModule's RawKernel) on torch's current stream of this
         device. ``args``: tensors (passed as device pointers), None (a null pointer) and ints (int32)."""
-        self.launch_packed(getattr(function, "kernel", function), grid, block, tuple(map(packed, args)),
-                           self.stream())
+        self.run((prepare(function, grid, block, tuple(map(packed, args))),), (), self.stream())
 
-    def stream(self):
-        """CuPy's handle on torch's current stream of this device."""
-        current = torch.cuda.current_stream(self.index)
-        stream = self._streams.get(current.cuda_stream)
-        if stream is None:  # CuPy 14 takes the stream protocol; CuPy 13 the raw handle
-            cupy = import_cupy()
-            from_external = getattr(cupy.cuda.Stream, "from_external", None)
-            stream = from_external(current) if from_external else cupy.cuda.ExternalStream(current.cuda_stream,
-                                                                                           self.index)
-            self._streams[current.cuda_stream] = stream
-        return stream
+    def stream(self) -> int:
+        """torch's current stream of this device (its CUDA handle)."""
+        return torch._C._cuda_getCurrentRawStream(self.index)
 
-    def launch_packed(self, function, grid: tuple[int, int, int], block: int, args: tuple, stream) -> None:
-        """Launch with arguments already as the driver takes them (numpy uint64 pointers, int32 ints) on
-        ``stream`` (from :meth:`stream`); a driver error is raised as :class:`LaunchError`."""
-        cupy = import_cupy()
-        with cupy.cuda.Device(self.index):
+    def workspace(self, words: int, stream: int, device: torch.device) -> torch.Tensor:
+        """At least ``words`` int32 of scratch for kernels about to run on ``stream``. A small workspace is
+        one buffer per stream, made once and kept (kernels on one stream run in order, so each call may
+        reuse it), which saves the small calls, whose time is mostly launch cost, an allocation each; a
+        larger one, or any while a CUDA graph is being captured (the graph must own what it reads), comes
+        from torch's caching allocator."""
+        if words <= SCRATCH_WORDS and not torch._C._cuda_isCurrentStreamCapturing():
+            scratch = self._scratch.get(stream)
+            if scratch is None:
+                scratch = self._scratch[stream] = torch.empty(SCRATCH_WORDS, dtype=torch.int32, device=device)
+            return scratch
+        return torch.empty(words, dtype=torch.int32, device=device)
+
+    def run(self, launches: tuple[Launch, ...] | list[Launch], values: list[int] | tuple[int, ...],
+            stream: int) -> None:
+        """Launch each of ``launches`` in order on ``stream`` of this device, with the per-call arguments
+        ``values`` (device pointers) written into their slots; a driver error is raised as
+        :class:`LaunchError`. Capturable in a CUDA graph: nothing here allocates or synchronises."""
+        launch_kernel, get_device, set_device, driver_error = self._api or self._bind()
+        with self._launching:  # the slots are shared by every thread that runs this plan
+            previous = get_device()
+            if previous != self.index:  # the kernels were loaded into this device's context
+                set_device(self.index)
             try:
-                function(grid, (block, 1, 1), args, stream=stream)
-            except cupy.cuda.driver.CUDADriverError as exc:
+                for launch in launches:
+                    params = launch.params
+                    for position, slot in launch.slots:
+                        params[position] = values[slot]
+                    launch_kernel(*launch.head, stream, launch.kernel_params, 0)
+            except driver_error as exc:
                 raise LaunchError(exc.status, str(exc)) from exc
+            finally:
+                if previous != self.index:
+                    set_device(previous)
+
+    def _bind(self) -> tuple:
+        cupy = import_cupy()
+        self._api = (cupy.cuda.driver.launchKernel, cupy.cuda.runtime.getDevice, cupy.cuda.runtime.setDevice,
+                     cupy.cuda.driver.CUDADriverError)
+        return self._api
 
 
 _devices: dict[int, Device | Unavailable] = {}

@@ -80,6 +80,9 @@ class Architecture(Protocol):
     """What the loader, the saver and the quantizer need to know about a model family."""
 
     name: str
+    # Whether the files spell the W4A4 leaves as nunchaku's python modules do (``proj_down``, ``smooth_factor``
+    # …; families its python backend loads strictly) rather than as its C++ engine does (``lora_down``, ``smooth``).
+    python_leaf_names: bool
 
     def detect(self, reader: CheckpointReader) -> bool:
         """True if the checkpoint holds this family."""

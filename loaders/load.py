@@ -26,11 +26,15 @@ from .compat import check_version
 from .flux import FluxArchitecture
 from .ops import SVDQuantOps
 from .patcher import SVDQuantModelPatcher
+from .qwen_image import QwenImageArchitecture
 from .sdxl import SDXLArchitecture
+from .zimage import ZImageArchitecture
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES: list[Architecture] = [FluxArchitecture(), FluxArchitecture("python"), SDXLArchitecture()]
+ARCHITECTURES: list[Architecture] = [
+    FluxArchitecture(), FluxArchitecture("python"), SDXLArchitecture(), QwenImageArchitecture(), ZImageArchitecture(),
+]
 
 
 def register(architecture: Architecture) -> None:
@@ -106,7 +110,7 @@ def build_config(model_config, dtype: torch.dtype):
 
 def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend: str = "auto",
                     progress: Callable[[int, int], None] | None = None) -> SVDQuantModelPatcher:
-    """Load an SVDQuant FLUX/SDXL checkpoint (file or folder) as a ComfyUI MODEL.
+    """Load an SVDQuant checkpoint of a family in ``ARCHITECTURES`` (file or folder) as a ComfyUI MODEL.
 
     ``progress(done, total)`` is called after each quantized layer is read."""
     check_version()

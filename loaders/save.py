@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from ..svdquant.checkpoint import QuantizationInfo, write_checkpoint
+from ..svdquant.checkpoint import PYTHON_NAMES, QuantizationInfo, write_checkpoint
 from ..svdquant.errors import SVDQuantError
 from ..svdquant.layers import W4A4Linear
 from . import dense_layers, parts
@@ -43,8 +43,16 @@ def checkpoint_tensors(diffusion_model: nn.Module) -> tuple[dict[str, torch.Tens
         tensor = diffusion_model.get_parameter(comfy_key).detach()
         tensor = architecture.convert_dense(comfy_key, tensor, to_file=True)
         tensors[file_key] = tensor.to(storage) if tensor.is_floating_point() else tensor
+    if architecture.python_leaf_names:
+        tensors = {_python_leaf(k): v for k, v in tensors.items()}
     metadata = architecture.metadata(unet_config, QuantizationInfo(precisions.pop(), ranks.pop()))
     return tensors, metadata
+
+
+def _python_leaf(key: str) -> str:
+    """``key`` with its leaf spelled as nunchaku's python modules name their parameters (``proj_down`` …)."""
+    prefix, dot, leaf = key.rpartition(".")
+    return prefix + dot + PYTHON_NAMES.get(leaf, leaf)
 
 
 def save_checkpoint(diffusion_model: nn.Module, path: str | os.PathLike,

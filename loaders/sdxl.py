@@ -38,6 +38,7 @@ _MARKER = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\
 
 class SDXLArchitecture:
     name = "sdxl"
+    python_leaf_names = False
 
     def detect(self, reader: CheckpointReader) -> bool:
         comfy_config = reader.json("comfy_config", required=False) or {}

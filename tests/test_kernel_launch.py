@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
 from stub_gpu import DriverError, cuda_looking, stub_gpu
 from test_layers import random_w4a4
 
-from comfyui_svdquant.kernels import backend
+from comfyui_svdquant.kernels import backend, build, runtime
 from comfyui_svdquant.svdquant import dispatch, packing
 from comfyui_svdquant.svdquant.errors import SVDQuantError
 from comfyui_svdquant.svdquant.layers import SplitInputLinear, compute_dtype_problem, to_compute_dtype
@@ -210,3 +214,96 @@ def test_the_stored_dtype_is_what_the_compute_dtype_rule_gives(gpu):
     assert {layer.smooth_factor.dtype, layer.proj_down.dtype, layer.proj_up.dtype, layer.bias.dtype,
             layer.wcscales.dtype} == {torch.float16}
     assert packing.unpack_vector(layer.wcscales).isfinite().all()
+
+
+def test_small_calls_reuse_one_workspace_per_stream(gpu, monkeypatch):
+    """Kernel 1's outputs go to a buffer kept per stream; a call that needs more, or one made while a CUDA
+    graph is captured (the graph must own what it reads), gets its own from torch's allocator."""
+    layer = random_w4a4(256, 128, 16, "int4")
+    backend.w4a4(layer, _x(5, 256))
+    backend.w4a4(layer, _x(9, 256))
+    first, second = (_pointers(args)[3:6] for name, _, _, args in gpu.launches if name.startswith("svdq_quantize"))
+    assert first[0] == second[0] == gpu.device._scratch[0].data_ptr()
+    assert first[1:] == second[1:]  # the same offsets: both calls fill 128 padded rows
+
+    monkeypatch.setattr(runtime, "SCRATCH_WORDS", 64)  # the workspace of 5 rows is 128·(32+4+8) words
+    gpu.launches.clear()
+    backend.w4a4(layer, _x(5, 256))
+    assert _pointers(gpu.launches[0][3])[3] != gpu.device._scratch[0].data_ptr()
+
+    monkeypatch.setattr(runtime, "SCRATCH_WORDS", 1 << 20)
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: True)
+    gpu.launches.clear()
+    backend.w4a4(layer, _x(5, 256))
+    assert _pointers(gpu.launches[0][3])[3] != gpu.device._scratch[0].data_ptr()
+
+
+def test_a_launch_from_another_current_device_switches_and_restores_it(gpu, monkeypatch):
+    """The kernels live in their GPU's context: a thread whose current device is another GPU switches for
+    the launch and back."""
+    cuda_runtime = sys.modules["cupy"].cuda.runtime
+    calls = []
+    monkeypatch.setattr(cuda_runtime, "getDevice", lambda: 1)
+    monkeypatch.setattr(cuda_runtime, "setDevice", calls.append)
+    gpu.device._api = None  # bind the patched calls
+    assert backend.w4a4(random_w4a4(256, 128, 16, "int4"), _x(3, 256)) is not None
+    assert calls == [0, 1] and len(gpu.launches) == 2
+
+
+# --- the opt-in wgmma kernel 2 (sm_90) ---
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """A stubbed H100 whose wgmma module (a variant build of gemm_w4a4_sm90.cu) records its launches too."""
+    monkeypatch.setattr(backend, "_plans", {})
+    monkeypatch.setattr(backend, "_noted", set())
+    monkeypatch.setattr(backend, "_wgmma_modules", {})
+    with stub_gpu((9, 0)) as stub:
+        built = []
+        stub.device.variant = lambda unit, defines: built.append((unit, defines)) or types.SimpleNamespace(
+            get_function=lambda name: types.SimpleNamespace(kernel=stub.kernel(name)))
+        stub.built = built
+        yield stub
+    backend.use_wgmma(False)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_wgmma_kernel_2_runs_on_sm_90_only_when_asked(hopper, on):
+    backend.use_wgmma(on)
+    layer, x = random_w4a4(256, 128, 16, "int4"), _x(33, 256)
+    backend.w4a4(layer, x)
+    backend.w4a4(layer, x)
+    names = [name for name, *_ in hopper.launches]
+    gemm = "svdq_gemm_wgmma_int4_bf16" if on else "svdq_gemm_int4_bf16"
+    assert names == ["svdq_quantize_int4_bf16", gemm] * 2
+    assert hopper.built == ([(build.WGMMA, [])] if on else [])  # built once, on the first plan
+    assert [launch[1:3] for launch in hopper.launches[:2]] == [launch[1:3] for launch in
+                                                               backend.plan_w4a4(layer, x)[1]]
+
+
+def test_wgmma_setting_leaves_nvfp4_and_other_gpus_alone(monkeypatch, caplog):
+    monkeypatch.setattr(backend, "_plans", {})
+    monkeypatch.setattr(backend, "_noted", set())
+    backend.use_wgmma(True)
+    try:
+        with stub_gpu((12, 0)) as rtx, caplog.at_level(logging.INFO, logger=LOGGER):
+            for seed in range(2):
+                backend.w4a4(random_w4a4(256, 128, 16, "int4", seed=seed), _x(5, 256))
+            backend.w4a4(random_w4a4(256, 128, 16, "nvfp4"), _x(5, 256))
+    finally:
+        backend.use_wgmma(False)
+    assert [name for name, *_ in rtx.launches][1::2] == ["svdq_gemm_int4_bf16"] * 2 + ["svdq_gemm_nvfp4_bf16"]
+    said = [r.getMessage() for r in caplog.records if backend.WGMMA_SETTING in r.getMessage()]
+    assert len(said) == 1 and "sm_90" in said[0] and "Stub GPU" in said[0]
+
+
+@pytest.mark.parametrize("value,on", [(None, False), ("0", False), ("1", True)])
+def test_wgmma_setting_is_read_from_the_environment(value, on):
+    env = {k: v for k, v in os.environ.items() if k != backend.WGMMA_SETTING}
+    if value is not None:
+        env[backend.WGMMA_SETTING] = value
+    code = "import pack_import; from comfyui_svdquant.kernels import backend; print(backend._wgmma)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), check=True)
+    assert done.stdout.strip() == str(on)

@@ -213,6 +213,50 @@ def test_gemv_issues_a_slab_of_weight_loads_before_it_multiplies(listings, arch)
         assert len(loads) >= GEMV_LOADS_IN_FLIGHT, (arch, name, len(loads))
 
 
+# --- the opt-in wgmma kernel 2 (sm_90a) ---
+
+# Per 64-column step and thread (the K loop holds two steps): 2 IGMMA.64x128x32 for 64 accumulators, whose
+# group sums cost 2 FFMA each (2.0 per accumulator, as the mma.sync path) and one MOV to re-arm; the
+# nibble spreading and operand stores are amortised over the CTA tile. The bound is today's count.
+WGMMA_LOOP = 664
+
+
+@pytest.fixture(scope="module")
+def wgmma_program() -> build.Program:
+    return build.compile_cubin(build.WGMMA, build.WGMMA_ARCH, verbose=True)
+
+
+def test_wgmma_kernel_compiles_without_spills_or_serialised_wgmma(wgmma_program):
+    log = wgmma_program.log
+    assert set(re.findall(r"Compiling entry function '(\w+)'", log)) == {
+        f"svdq_gemm_wgmma_{mode}_{dtype}" for mode in ("int4", "uint4") for dtype in ("bf16", "fp16")}
+    assert re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log) == [("0", "0")] * 4
+    assert re.findall(r"(\d+) bytes stack frame", log) == ["0"] * 4
+    assert "C7514" not in log, log  # ptxas serialising the wgmma pipeline (accumulators read while in flight)
+    assert all(int(n) <= 48 * 1024 for n in re.findall(r"(\d+) bytes smem", log))  # static: no launch attribute
+
+
+@NEEDS_TOOL
+def test_wgmma_kernel_runs_igmma_and_a_lean_loop(wgmma_program):
+    for name, text in sass.disassemble(wgmma_program.cubin, TOOL).items():
+        ops = sass.opcodes(text)
+        a = "U8" if "uint4" in name else "S8"
+        assert len(re.findall(rf"IGMMA\.64x128x32\.{a}\.S8 ", text)) == 4, name
+        assert sass.count(ops, "IGMMA") == 4 and sass.count(ops, "IMMA") == 0, (name, dict(ops))
+        assert sass.count(ops, "HMMA") == 16, name  # the branch-up: 16 m16n8k16 per rank tile
+        assert sass.count(ops, "LDL") + sass.count(ops, "STL") == 0, name
+        loop = sass.main_loop(text, "IGMMA")
+        assert sass.count(loop, "IGMMA") == 4 and sass.count(loop, "FFMA") == 256, (name, loop.most_common(8))
+        assert sum(loop.values()) <= WGMMA_LOOP, (name, sum(loop.values()), loop.most_common(8))
+
+
+@NEEDS_TOOL
+def test_rawmodule_options_build_the_wgmma_code_ci_checks(wgmma_program):
+    runtime_build = build.compile_cubin(build.WGMMA, build.WGMMA_ARCH,
+                                        extra=tuple(o.format(cc="90") for o in build.RAWMODULE_ADDS))
+    assert sass.disassemble(runtime_build.cubin, TOOL) == sass.disassemble(wgmma_program.cubin, TOOL)
+
+
 # --- what runs on a GPU is what CI checked ---
 
 

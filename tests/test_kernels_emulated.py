@@ -49,6 +49,8 @@ HARNESS = r"""
     W(svdq_quantize_branch_sum_bf16) W(svdq_quantize_branch_sum_fp16)                                     \
     Y(svdq_gemm_int4_bf16) Y(svdq_gemm_int4_fp16) Y(svdq_gemm_uint4_bf16) Y(svdq_gemm_uint4_fp16)        \
     Y(svdq_gemm_nvfp4_bf16) Y(svdq_gemm_nvfp4_fp16)                                                      \
+    Y(svdq_gemm_wgmma_int4_bf16) Y(svdq_gemm_wgmma_int4_fp16) Y(svdq_gemm_wgmma_uint4_bf16)              \
+    Y(svdq_gemm_wgmma_uint4_fp16)                                                                        \
     Z(svdq_gemv_w4a16_bf16_m1) Z(svdq_gemv_w4a16_bf16_m2) Z(svdq_gemv_w4a16_bf16_m4)                     \
     Z(svdq_gemv_w4a16_fp16_m1) Z(svdq_gemv_w4a16_fp16_m2) Z(svdq_gemv_w4a16_fp16_m4)
 KERNELS(Q, S, G, V)
@@ -68,12 +70,41 @@ template <class... P> int run(void (*fn)(P...), uint3 grid, unsigned block, cons
     return call(fn, grid, block, a, std::index_sequence_for<P...>{});
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One wgmma m64n128k32 on operands laid out by the caller (tests of the emulated instruction itself): A's
+// registers [thread][4], B's bytes copied to shared memory as they are, described with `lbo` / `sbo`,
+// accumulators [thread][64] in and out; `early` [thread][64] is what the accumulators held between the
+// issue and the wait.
+extern "C" void emu_wgmma_probe(const u32* a, const unsigned char* b, int bytes, int* d, int* early, int ua,
+                                int lbo, int sbo) {
+    __shared__ __align__(128) unsigned char smem[16384];
+    const unsigned tid = threadIdx.x;
+    for (int i = tid; i < bytes; i += 128) smem[i] = b[i];
+    __syncthreads();
+    u32 regs[4];
+    int acc[64];
+    for (int i = 0; i < 4; i++) regs[i] = a[4 * tid + i];
+    for (int i = 0; i < 64; i++) acc[i] = d[64 * tid + i];
+    const unsigned long long desc = ptx_smem_desc(smem, lbo, sbo);
+    ptx_wgmma_fence();
+    if (ua) ptx_wgmma_m64n128k32_s8<true>(acc, regs, desc); else ptx_wgmma_m64n128k32_s8<false>(acc, regs, desc);
+    ptx_wgmma_commit();
+    for (int i = 0; i < 64; i++) early[64 * tid + i] = acc[i];
+    ptx_wgmma_wait<0>();
+    for (int i = 0; i < 64; i++) d[64 * tid + i] = acc[i];
+}
+#define PROBE if (!std::strcmp(kernel, "emu_wgmma_probe")) return run(emu_wgmma_probe, grid, block, args, n);
+#else
+#define PROBE
+#endif
+
 #define RUN(name) if (!std::strcmp(kernel, #name)) return run(name, grid, block, args, n);
 
 extern "C" int emu_run(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned block,
                        const uint64_t* args, int n) {
     const uint3 grid = {gx, gy, gz};
     KERNELS(RUN, RUN, RUN, RUN)
+    PROBE
     return 4;  // unknown name
 }
 """
@@ -87,7 +118,7 @@ def emulators(tmp_path_factory):
     if CXX is None or not sys.platform.startswith("linux"):
         pytest.skip("the kernel emulation needs g++ (C++17) and Linux (ucontext)")
     root = tmp_path_factory.mktemp("emulated_kernels")
-    for name in ("quantize.cu", "gemm_w4a4.cu", "gemv_w4a16.cu", "common.cuh"):
+    for name in ("quantize.cu", "gemm_w4a4.cu", "gemm_w4a4_sm90.cu", "gemv_w4a16.cu", "common.cuh"):
         shutil.copy(KERNELS / name, root / name)
     (root / "ptx.cuh").write_text(f'#include "{KERNELS / "host_ptx.h"}"\n')
     (root / "harness.cpp").write_text(HARNESS)
@@ -97,9 +128,12 @@ def emulators(tmp_path_factory):
         if arch not in built:
             lib = root / f"emulated_{arch}.so"
             families = ["-DSVDQ_FAMILY_INT4"] + (["-DSVDQ_FAMILY_NVFP4"] if arch >= 1200 else [])
+            if arch == 900:  # CI builds sm_90a: the arch-specific target's wgmma kernel is there too
+                families.append("-D__CUDA_ARCH_FEAT_SM90_ALL")
             cmd = [CXX, "-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
                    "-Wno-unknown-pragmas", f"-D__CUDA_ARCH__={arch}", *families, "-x", "c++",
-                   *[str(root / f) for f in ("quantize.cu", "gemm_w4a4.cu", "gemv_w4a16.cu", "harness.cpp")],
+                   *[str(root / f) for f in ("quantize.cu", "gemm_w4a4.cu", "gemm_w4a4_sm90.cu", "gemv_w4a16.cu",
+                                             "harness.cpp")],
                    "-o", str(lib)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr[-4000:]
@@ -168,6 +202,8 @@ CASES = [  # (arch, precision, unsigned, dtype, k, n, rank, m)
     (900, "int4", False, torch.bfloat16, 1280, 128, 32, 33),  # 2 K ranges of 3 and 2 chunks
     (750, "int4", False, torch.float16, 1024, 128, 32, 3),    # split K with synchronous copies
     (1200, "nvfp4", False, torch.bfloat16, 1536, 128, 32, 9),  # 3 K ranges
+    (800, "int4", False, torch.bfloat16, 256, 128, 256, 3),   # rank 256 (Z-Image-Turbo r256): 4 CTAs along z
+    (1200, "nvfp4", False, torch.bfloat16, 256, 128, 128, 5),  # rank 128 (the published r128 files)
     (900, "int4", False, torch.bfloat16, 256, 256, 32, 33),
     (900, "int4", True, torch.float16, 256, 128, 48, 9),
     (750, "int4", False, torch.float16, 256, 128, 32, 21),
@@ -286,3 +322,68 @@ def test_one_reciprocal_per_divisor_gives_the_ieee_quotients(tmp_path):
     assert built.returncode == 0, built.stderr[-4000:]
     done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+WGMMA_CASES = [  # (precision dtype, unsigned, k, n, rank, m): FLUX-like slices with small M, then the edges
+    (torch.bfloat16, False, 3072, 256, 32, 256),  # FLUX's K and rank: 48 steps, 2 x 2 CTAs
+    (torch.float16, True, 3072, 128, 32, 128),    # unsigned activations (after a GELU): the u8 x s8 wgmma
+    (torch.bfloat16, False, 256, 129, 16, 33),    # padded rows and an odd output width
+    (torch.float16, False, 128, 128, 0, 5),       # one step pair, no branch
+]
+
+
+@pytest.mark.parametrize("dtype,unsigned,k,n,rank,m", WGMMA_CASES)
+def test_wgmma_kernel_matches_the_reference_and_the_mma_kernel(emulators, dtype, unsigned, k, n, rank, m):
+    """gemm_w4a4_sm90.cu (sm_90a, wgmma), emulated with asynchronous wgmma semantics: the reference's numbers,
+    and bit for bit those of the mma.sync kernel it replaces (same group sums, same FMAs in the same order)."""
+    layer = random_w4a4(k, n, rank, "int4", unsigned, dtype, seed=k + n + rank)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x = (torch.nn.functional.gelu(x, approximate="tanh") if unsigned else x).to(dtype)
+    outputs = []
+    for wgmma in (True, True, False):
+        out = torch.full((m, n), float("nan"), dtype=dtype)
+        y, launches = backend.plan_w4a4(layer, x, out, wgmma=wgmma)
+        assert launches[-1][0].startswith("svdq_gemm_wgmma_") == wgmma  # after kernel 1 (and its branch sum)
+        execute(emulators(900), launches)
+        outputs.append(y)
+    assert not torch.isnan(outputs[0]).any()
+    assert relative_error(outputs[0], layer.reference_forward(x)) < 1e-3
+    assert torch.equal(outputs[0].view(torch.int16), outputs[1].view(torch.int16))  # repeatable
+    assert torch.equal(outputs[0].view(torch.int16), outputs[2].view(torch.int16))  # = the mma.sync kernel
+
+
+@pytest.mark.parametrize("unsigned_a,lbo,sbo", [(False, 128, 256), (True, 2048, 128)])
+def test_emulated_wgmma_follows_the_isa_layouts(emulators, unsigned_a, lbo, sbo):
+    """The emulated instruction against the layouts written out here independently: A's register fragment
+    (CUTLASS's ALayout_64x32: row 16·warp + g + 8·(reg & 1), k 4t + byte + 16·(reg >> 1)), B through a no-swizzle
+    K-major descriptor (core matrices of 8 rows x 16 bytes, LBO steps k by 16, SBO steps n by 8; two layouts),
+    the accumulators (row 16·warp + g + 8·((i >> 1) & 1), column 8·(i >> 2) + 2t + (i & 1)), and the
+    asynchrony: between issue and wait the accumulators still hold their old values."""
+    g = torch.Generator().manual_seed(lbo + sbo)
+    lo, hi = (0, 256) if unsigned_a else (-128, 128)
+    a = torch.randint(lo, hi, (64, 32), generator=g)
+    b = torch.randint(-128, 128, (32, 128), generator=g)
+    d0 = torch.randint(-(2**20), 2**20, (64, 128), generator=g)
+    thread = torch.arange(128)
+    warp, grp, t = thread // 32, thread % 32 // 4, thread % 4
+    regs = torch.zeros(128, 4, dtype=torch.int64)
+    for r in range(4):
+        for byte in range(4):
+            rows, ks = 16 * warp + grp + 8 * (r & 1), 4 * t + byte + 16 * (r >> 1)
+            regs[:, r] |= (a[rows, ks] & 0xFF) << (8 * byte)
+    size = max(15 * sbo + lbo, 16 * sbo) + 128
+    smem = torch.zeros(size, dtype=torch.uint8)
+    for n in range(128):
+        for k in range(32):
+            smem[(n // 8) * sbo + (k // 16) * lbo + (n % 8) * 16 + k % 16] = int(b[k, n]) & 0xFF
+    i = torch.arange(64)
+    rows = 16 * warp[:, None] + grp[:, None] + 8 * ((i >> 1) & 1)
+    cols = 8 * (i >> 2) + 2 * t[:, None] + (i & 1)
+    d = d0[rows, cols].to(torch.int32).contiguous()
+    early = torch.zeros_like(d)
+    before = d.clone()
+    a_words = regs.to(torch.int32).contiguous()  # the low 32 bits, two's complement
+    execute(emulators(900), [("emu_wgmma_probe", (1, 1, 1), 128,
+                              [a_words, smem, size, d, early, int(unsigned_a), lbo, sbo])])
+    assert torch.equal(early, before)
+    assert torch.equal(d, (d0 + a @ b)[rows, cols].to(torch.int32))

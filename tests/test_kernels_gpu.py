@@ -1,9 +1,9 @@
 """The fused kernels against the reference layers, on an NVIDIA GPU (skipped, saying why, elsewhere).
 
-Every FLUX.1 and SDXL linear shape, M not a multiple of the 128-row tile, bf16 and fp16, INT4 signed
-and unsigned (and NVFP4 on sm_120/121): relative error ≤ 1e-2 against ``reference_forward``, never
-NaN, outputs poisoned with NaN first, and bitwise identical across runs. Kernel 1's codes and scales
-are compared bit for bit with the core's quantizer.
+Every FLUX.1, SDXL and Z-Image-Turbo linear shape (Z-Image's also at the published ranks 128 and 256), M
+not a multiple of the 128-row tile, bf16 and fp16, INT4 signed and unsigned (and NVFP4 on sm_120/121):
+relative error ≤ 1e-2 against ``reference_forward``, never NaN, outputs poisoned with NaN first, and bitwise
+identical across runs. Kernel 1's codes and scales are compared bit for bit with the core's quantizer.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ DEVICE = torch.device("cuda", torch.cuda.current_device())
 CAPABILITY = torch.cuda.get_device_capability(DEVICE)
 FLUX = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 SDXL = [(640, 640), (640, 5120), (2560, 640), (2048, 640), (1280, 1280), (1280, 10240), (5120, 1280), (2048, 1280)]
+# Z-Image-Turbo (dim 3840): attention.qkv, attention.out, feed_forward.w1 / w3 (each a row slice of the file's
+# fused 3840 → 20480 layer), feed_forward.w2
+ZIMAGE = [(3840, 11520), (3840, 3840), (3840, 10240), (10240, 3840)]
 MODES = ["int4", "uint4", "nvfp4"]
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -74,22 +77,32 @@ def _run(kind: str, layer, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _check(kind: str, layer, x: torch.Tensor) -> None:
+def _check(kind: str, layer, x: torch.Tensor) -> torch.Tensor:
     y = _run(kind, layer, x)
     ref = layer.reference_forward(x)
     assert not torch.isnan(y).any()
     error = float((y.double() - ref.double()).norm() / ref.double().norm())
     assert error <= 1e-2, error
     assert torch.equal(_run(kind, layer, x), y), "not bitwise reproducible"
+    return y
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("k,n", FLUX + SDXL)
+@pytest.mark.parametrize("k,n", FLUX + SDXL + ZIMAGE)
 def test_w4a4_matches_reference(k, n, mode, dtype):
     _skip_unsupported(mode, dtype)
-    m = 4096 + 77 if (k, n) in FLUX else 1024 + 13
+    m = 1024 + 13 if (k, n) in SDXL else 4096 + 77
     _check("w4a4", _layer(k, n, 32, mode, dtype), _input(m, k, mode, dtype, seed=m))
+
+
+@pytest.mark.parametrize("mode", ["int4", "nvfp4"])
+@pytest.mark.parametrize("rank", [128, 256])  # the published Z-Image-Turbo and Qwen-Image files' ranks
+@pytest.mark.parametrize("k,n", ZIMAGE)
+@pytest.mark.parametrize("m", [7, 4096 + 77])
+def test_w4a4_published_ranks(k, n, rank, mode, m):
+    _skip_unsupported(mode, torch.bfloat16)
+    _check("w4a4", _layer(k, n, rank, mode, torch.bfloat16), _input(m, k, mode, torch.bfloat16, seed=rank + m))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -173,3 +186,77 @@ def test_w4a16_matches_reference(k, n, m, dtype):
     _skip_unsupported("int4", dtype)
     layer = _w4a16(k, n, dtype)
     _check("w4a16", layer, _input(m, k, "int4", dtype, seed=m))
+
+
+# --- CUDA graphs ---
+
+
+def _flux_double_block_stream(dtype: torch.dtype):
+    """One stream of a FLUX.1 double block as its quantized layers run it (modulation, qkv, attention out,
+    MLP), at the real widths: the launches a CUDA graph of a FLUX block holds."""
+    mod = _w4a16(3072, 18432, dtype)
+    qkv, proj, fc1 = (_layer(3072, n, 32, "int4", dtype) for n in (9216, 3072, 12288))
+    fc2 = _layer(12288, 3072, 32, "uint4", dtype)
+
+    def forward(x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = mod(vec).chunk(6, dim=-1)[:3]
+        h = x * (1 + scale) + shift
+        h = x + gate * proj(qkv(h)[:, :3072])
+        return h + fc2(torch.nn.functional.gelu(fc1(h), approximate="tanh"))
+    return forward
+
+
+def test_a_flux_block_captured_in_a_cuda_graph_replays_bit_exact():
+    """Nothing on the launch path allocates outside the graph's pool or synchronises: a block's layers capture
+    into a CUDA graph, and replays on new inputs give exactly the eager results."""
+    dtype = torch.bfloat16
+    block = _flux_double_block_stream(dtype)
+    x, vec = _input(1024, 3072, "int4", dtype, seed=11), _input(1, 3072, "int4", dtype, seed=12)
+    block(x, vec)  # plans made and kernels loaded outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        block(x, vec)  # and the capture stream's own warm-up
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = block(x, vec)
+    for seed in (13, 14):
+        x.copy_(_input(1024, 3072, "int4", dtype, seed=seed))
+        vec.copy_(_input(1, 3072, "int4", dtype, seed=seed + 10))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, block(x, vec))
+
+
+# --- the opt-in wgmma kernel 2 (sm_90a: H100, H200) ---
+
+WGMMA_CASES = [(k, n, m, "int4") for k, n in FLUX for m in (4608, 512)] + [
+    (12288, 3072, 4608, "uint4"), (15360, 3072, 4608, "uint4")]  # FLUX's post-GELU inputs: fc2, linear2
+
+
+@pytest.fixture
+def wgmma_dispatch():
+    backend.use_wgmma(True)
+    yield
+    backend.use_wgmma(False)
+
+
+@pytest.mark.skipif(CAPABILITY != (9, 0), reason="the wgmma kernel 2 is built for sm_90a (H100, H200) only")
+@pytest.mark.parametrize("k,n,m,mode", WGMMA_CASES)
+def test_wgmma_kernel_at_flux_shapes(wgmma_dispatch, k, n, m, mode):
+    """SVDQUANT_WGMMA=1 at every FLUX.1 shape (M = 4608 and 512): within 1e-2 of the reference, bitwise
+    repeatable, and bit for bit the mma.sync kernel's output (the same integer sums and FMAs); the direct
+    launch of the wgmma function gives the same bits as the dispatcher, so the opt-in path really ran it."""
+    layer = _layer(k, n, 32, mode, torch.bfloat16)
+    x = _input(m, k, mode, torch.bfloat16, seed=m + k)
+    dispatched = _check("w4a4", layer, x)  # through backend.w4a4, whose plan now runs the wgmma kernel
+    y, (*kernel1, (gemm, *launch2)) = backend.plan_w4a4(layer, x, wgmma=True)  # kernel 1 (and its branch sum)
+    device = runtime.probe(DEVICE.index)
+    y.fill_(float("nan"))
+    for name, *launch1 in kernel1:
+        device.launch("int4", name, *launch1)
+    device.launch_function(backend.kernel_function(device, "int4", gemm), *launch2)
+    assert torch.equal(y, dispatched)
+    backend.use_wgmma(False)
+    assert torch.equal(_run("w4a4", layer, x), dispatched)

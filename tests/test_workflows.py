@@ -49,8 +49,25 @@ def test_there_are_example_workflows():
     assert all(wf.is_ui_format(wf.load(p)) == (p.parent == wf.WORKFLOWS) for p in WORKFLOW_FILES)
 
 
+
+def test_a_workflow_names_the_oldest_comfyui_it_runs_on(tmp_path, monkeypatch):
+    """A workflow of a model older ComfyUI lacks says so in its file; its tests skip there, saying why, and its
+    API-format twin follows it."""
+    workflow = wf.load(wf.WORKFLOWS / "flux1-schnell-svdquant.json")
+    workflow["extra"]["svdquant"] = {"minimum_comfyui": "0.8.0"}
+    (tmp_path / "api").mkdir()
+    (tmp_path / "new.json").write_text(json.dumps(workflow))
+    monkeypatch.setattr(wf, "WORKFLOWS", tmp_path)
+    assert wf.minimum_comfyui(tmp_path / "new.json") == wf.minimum_comfyui(tmp_path / "api" / "new.json") == (0, 8, 0)
+    assert wf.too_old_for(tmp_path / "new.json", (0, 3, 64)) == "new.json needs ComfyUI 0.8.0 or newer; this is 0.3.64"
+    assert wf.too_old_for(tmp_path / "new.json", (0, 8, 0)) is None
+    monkeypatch.undo()
+    assert all(wf.minimum_comfyui(p) is None for p in WORKFLOW_FILES if p.name.startswith("flux1"))
+
+
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: str(p.relative_to(wf.WORKFLOWS)))
 def test_workflow_matches_the_registered_node_definitions(object_info, path):
+    wf.skip_if_too_old(path)
     workflow = wf.load(path)
     problems = wf.check_ui(workflow, object_info) if wf.is_ui_format(workflow) else wf.check_api(workflow, object_info)
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
@@ -58,6 +75,7 @@ def test_workflow_matches_the_registered_node_definitions(object_info, path):
 
 @pytest.mark.parametrize("path", [p for p in WORKFLOW_FILES if p.parent.name == "api"], ids=lambda p: p.name)
 def test_api_format_file_is_its_ui_workflow(object_info, path):
+    wf.skip_if_too_old(path)
     ui = wf.WORKFLOWS / path.name
     assert ui.exists(), f"api/{path.name} has no UI-format twin {ui.name}"
 
@@ -69,6 +87,7 @@ def test_api_format_file_is_its_ui_workflow(object_info, path):
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: str(p.relative_to(wf.WORKFLOWS)))
 def test_workflow_runs_end_to_end_and_writes_an_image(server, object_info, path):
+    wf.skip_if_too_old(path)
     import numpy as np
     from PIL import Image  # ComfyUI's requirement
 

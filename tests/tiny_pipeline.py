@@ -2,7 +2,8 @@
 16-bit and SVDQuant diffusion models, under the names the workflows use.
 
 What ComfyUI's own loaders need, and the one thing they are taught here:
-- Text encoders are ComfyUI's own classes (``comfy.clip_model.CLIPTextModel``, ``comfy.text_encoders.t5.T5``)
+- Text encoders are ComfyUI's own classes (``comfy.clip_model.CLIPTextModel``, ``comfy.text_encoders.t5.T5``,
+  ``comfy.text_encoders.llama.Qwen3_4B``)
   with random weights at a small width, saved with the key names of the published files, and loaded by
   ComfyUI's ``DualCLIPLoader`` / ``CLIPLoader`` with ComfyUI's tokenizers. ComfyUI v0.3.x builds them at the
   published sizes from fixed configs (CLIP-L 123M, CLIP-G 695M, T5-XXL 4.7B parameters) and reads only the
@@ -18,6 +19,9 @@ What ComfyUI's own loaders need, and the one thing they are taught here:
 - SVDQuant FLUX files are made by the pack's real quantizer from the 16-bit FLUX. The SDXL file stands in for
   nunchaku's published ``svdq-int4_r32-sdxl.safetensors`` and is written in nunchaku's layout by the test
   fixture that packs like nunchaku (``nunchaku_fixture.sdxl_checkpoint``): quantizing SDXL takes minutes here.
+  The Z-Image-Turbo file is the authors' layout too (``zimage_fixture``); it and its Qwen3 text encoder are
+  written only where ComfyUI has Z-Image, and ComfyUI tells Qwen3-4B by its width, which
+  :func:`install_size_inference` extends to the small one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 import torch
 
 from tiny_models import TINY_FLUX, TINY_SDXL, flux_inputs
+from tiny_zimage import write_qwen3, write_svdquant_zimage
 
 # FLUX.1's layout at width 128: one head of FLUX.1's size (128 = 16 + 56 + 56 rotary axes), the text width
 # of the small T5 below and the pooled width of the small CLIP-L.
@@ -51,7 +56,7 @@ FLUX_HEAD_SIZE = 128
 
 
 def text_encoder_config(sd: dict[str, torch.Tensor]) -> tuple[str, dict] | None:
-    """(model name, config entries) of a CLIP or T5 text encoder, read from its tensor shapes."""
+    """(model name, config entries) of a CLIP, Qwen3 or T5 text encoder, read from its tensor shapes."""
     if "text_model.encoder.layers.0.mlp.fc1.weight" in sd:
         layers = _count(sd, "text_model.encoder.layers.{}.mlp.fc1.weight")
         hidden = sd["text_model.embeddings.token_embedding.weight"].shape[1]
@@ -61,6 +66,14 @@ def text_encoder_config(sd: dict[str, torch.Tensor]) -> tuple[str, dict] | None:
         if "text_projection.weight" in sd:
             config["projection_dim"] = sd["text_projection.weight"].shape[0]
         return ("clip_g" if layers > 30 else "clip_l"), config
+    if "model.layers.0.self_attn.q_norm.weight" in sd and "model.layers.0.post_feedforward_layernorm.weight" not in sd:
+        head = sd["model.layers.0.self_attn.q_norm.weight"].shape[0]  # Qwen3 (Gemma 3 has post-feed-forward norms)
+        return "qwen3_4b", {"vocab_size": sd["model.embed_tokens.weight"].shape[0],
+                            "hidden_size": sd["model.embed_tokens.weight"].shape[1],
+                            "num_hidden_layers": _count(sd, "model.layers.{}.self_attn.q_norm.weight"),
+                            "num_attention_heads": sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // head,
+                            "num_key_value_heads": sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // head,
+                            "intermediate_size": sd["model.layers.0.mlp.gate_proj.weight"].shape[0]}
     if "encoder.block.0.layer.0.SelfAttention.q.weight" in sd:
         inner, d_model = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape
         heads = max(1, inner // HEAD_SIZE)
@@ -81,9 +94,11 @@ def flux_config_from_shapes(config: dict, sd: dict, prefix: str) -> dict:
 def install_size_inference() -> Callable[[], None]:
     """Wrap ComfyUI's two sizing hooks (see the module docstring); returns the function that undoes it."""
     import comfy.model_detection
+    import comfy.sd
     import comfy.text_encoders.long_clipl as long_clipl
 
     original_options, original_detect = long_clipl.model_options_long_clip, comfy.model_detection.detect_unet_config
+    original_te = comfy.sd.detect_te_model
 
     @functools.wraps(original_options)
     def model_options(sd, tokenizer_data, model_options):
@@ -102,10 +117,19 @@ def install_size_inference() -> Callable[[], None]:
             config = flux_config_from_shapes(config, state_dict, key_prefix)
         return config
 
+    @functools.wraps(original_te)
+    def detect_te(sd):  # ComfyUI tells Qwen3-4B by its 2560 width
+        found = text_encoder_config(sd)
+        if found is not None and found[0] == "qwen3_4b" and hasattr(comfy.sd.TEModel, "QWEN3_4B"):
+            return comfy.sd.TEModel.QWEN3_4B
+        return original_te(sd)
+
     long_clipl.model_options_long_clip, comfy.model_detection.detect_unet_config = model_options, detect
+    comfy.sd.detect_te_model = detect_te
 
     def undo() -> None:
         long_clipl.model_options_long_clip, comfy.model_detection.detect_unet_config = original_options, original_detect
+        comfy.sd.detect_te_model = original_te
 
     return undo
 
@@ -300,15 +324,22 @@ STAND_INS: dict[str, Callable[[Path], None]] = {
         lambda m: _flux_files(m, 1, False, "flux1-schnell.safetensors", "svdq-int4_r32-flux.1-schnell.safetensors"),
     "diffusion_models/svdq-int4_r32-sdxl.safetensors":
         lambda m: write_svdquant_sdxl(m / "diffusion_models" / "svdq-int4_r32-sdxl.safetensors"),
+    "text_encoders/qwen_3_4b.safetensors":
+        lambda m: write_qwen3(m / "text_encoders" / "qwen_3_4b.safetensors", _save, _init_encoder),
+    "diffusion_models/svdq-int4_r128-z-image-turbo.safetensors":
+        lambda m: write_svdquant_zimage(m / "diffusion_models" / "svdq-int4_r128-z-image-turbo.safetensors"),
 }
+# Every picture the example workflows load (LoadImage), written into ComfyUI's input folder beside ``models``.
+INPUTS: dict[str, Callable[[Path], None]] = {}
 
 
 _built: Path | None = None  # the stand-ins this process has made, copied into every folder that asks
 
 
 def populate(models: Path) -> Path:
-    """Write every stand-in under ``models`` (a ComfyUI ``models`` folder); returns ``models``. They are made
-    once per process (quantizing takes a while) and copied from then on."""
+    """Write every stand-in under ``models`` (a ComfyUI ``models`` folder) and every input picture into the
+    ``input`` folder beside it; returns ``models``. They are made once per process (quantizing takes a while)
+    and copied from then on."""
     global _built
     if _built is None:
         _built = Path(tempfile.mkdtemp(prefix="svdquant-stand-ins-"))
@@ -318,4 +349,6 @@ def populate(models: Path) -> Path:
     for folder in ("diffusion_models", "text_encoders", "vae", "loras"):
         (_built / folder).mkdir(parents=True, exist_ok=True)
     shutil.copytree(_built, models, dirs_exist_ok=True)
+    for name, write in INPUTS.items():
+        write(models.parent / "input" / name)
     return models

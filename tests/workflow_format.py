@@ -30,6 +30,34 @@ def load(path: str | Path) -> dict:
         return json.load(f)
 
 
+def minimum_comfyui(path: str | Path) -> tuple[int, ...] | None:
+    """The oldest ComfyUI a workflow runs on, where its UI file says so (``extra.svdquant.minimum_comfyui``, e.g.
+    "0.8.0": a model family older versions lack); an API-format file follows its UI twin of the same name."""
+    ui = WORKFLOWS / Path(path).name
+    found = load(ui).get("extra", {}).get("svdquant", {}).get("minimum_comfyui") if ui.exists() else None
+    return tuple(int(p) for p in found.split(".")) if found else None
+
+
+def too_old_for(path: str | Path, running: tuple[int, ...] | None) -> str | None:
+    """Why the ComfyUI of version ``running`` cannot run the workflow at ``path``, or None."""
+    needed = minimum_comfyui(path)
+    if needed is None or running is None or running >= needed:
+        return None
+    return (f"{Path(path).name} needs ComfyUI {'.'.join(map(str, needed))} or newer; this is "
+            f"{'.'.join(map(str, running))}")
+
+
+def skip_if_too_old(path: str | Path) -> None:
+    """Skip the calling test, saying why, where the running ComfyUI is older than the workflow needs."""
+    import pytest
+
+    from comfyui_svdquant.loaders.compat import version
+
+    why = too_old_for(path, version())
+    if why:
+        pytest.skip(why)
+
+
 def inputs_of(definition: dict) -> list[tuple[str, object, dict, bool]]:
     """(name, type, options, required) of every input, in the order the editor shows them."""
     out = []
