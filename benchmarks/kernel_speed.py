@@ -2,7 +2,9 @@
 
 For every FLUX.1 and SDXL linear shape, the time and effective TOPS (2·M·N·K / time) of
   fused      the W4A4 layer on the CUDA kernels (kernel 1: quantize + branch-down; kernel 2: 4-bit GEMM
-             + branch-up + bias), and kernel 1's share of that time
+             + branch-up + bias), and kernel 1's share of that time (with its split-K branch sum), the
+             bytes kernel 1 must move (x in, codes, scales and branch input out) per second, and that rate
+             as a share of this GPU's measured copy bandwidth (a tensor copy of 512 MiB)
   16-bit     torch F.linear with a dense 16-bit weight of the same shape (bf16 or fp16, as --dtype)
   reference  the layer's PyTorch reference path (what runs without the kernels)
   w4a16      a weight-only baseline: unpack the 4-bit weight to 16 bits with torch ops, then F.linear
@@ -14,8 +16,9 @@ For every FLUX.1 and SDXL linear shape, the time and effective TOPS (2·M·N·K 
              (gemm_w4a4_sm90.cu, SVDQUANT_WGMMA=1), its TOPS as a share of the INT8 dense tensor peak, its
              speed-up over 16-bit and its relative error (the fused column is today's default path)
 and the relative error of the fused output against the reference path. Then the AdaLN modulation
-GEMV (W4A16, M = batch) against F.linear and the reference path. Prints markdown tables with the
-device, the date and the versions. Weights are random (speed does not depend on their values).
+GEMV (W4A16, M = batch) against F.linear (speed-up = 16-bit time / fused time) and the reference path.
+Prints markdown tables with the device, the date and the versions. Weights are random (speed does not
+depend on their values).
 
     python benchmarks/kernel_speed.py                                # INT4, bf16, FLUX and SDXL
     python benchmarks/kernel_speed.py --precision nvfp4 --dtype float16 --shapes flux
@@ -110,12 +113,14 @@ def emulated_int4_gemm(device):
 
 
 def with_kernel2(device, get_function, layer, x: torch.Tensor, wgmma: bool = False):
-    """The fused layer with kernel 1 as usual and kernel 2 from ``get_function``: (run, its output)."""
-    y, ((quantize, *launch1), (gemm, *launch2)) = backend.plan_w4a4(layer, x, wgmma=wgmma)
+    """The fused layer with kernel 1 as usual (with its split-K branch sum) and kernel 2 from ``get_function``:
+    (run, its output)."""
+    y, (*kernel1, (gemm, *launch2)) = backend.plan_w4a4(layer, x, wgmma=wgmma)
     gemm_fn = get_function(gemm)
 
     def run() -> None:
-        device.launch(layer.precision, quantize, *launch1)
+        for name, *launch1 in kernel1:
+            device.launch(layer.precision, name, *launch1)
         device.launch_function(gemm_fn, *launch2)
 
     return run, y
@@ -151,8 +156,23 @@ def tops(flops: float, ms: float) -> str:
     return f"{flops / ms / 1e9:.0f}"
 
 
+def copy_gbps(device: torch.device, iters: int) -> float:
+    """Bytes read + written per second by a 512 MiB device-to-device tensor copy, in GB/s: the rate a
+    kernel bound by memory bandwidth can hope for on this GPU."""
+    src = torch.empty(2**29, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * 2**29 / milliseconds(lambda: dst.copy_(src), iters) / 1e6
+
+
+def kernel1_bytes(m: int, k: int, rank: int, precision: str) -> int:
+    """What kernel 1 must read and write: x (16-bit) and proj_down in; 4-bit codes, the scales (fp32 per 64
+    columns, or FP8 per 16) and the 16-bit branch input out."""
+    scales = m * k // 64 * 4 if precision == "int4" else m * k // 16
+    return 2 * m * k + 2 * k * rank + m * k // 2 + scales + 2 * m * rank
+
+
 def w4a4_row(name: str, k: int, n: int, m: int, precision: str, dtype: torch.dtype, rank: int, iters: int,
-             device, emulated, wgmma) -> str:
+             device, emulated, wgmma, copy: float) -> str:
     layer = random_w4a4(k, n, rank, precision, dtype, device)
     x = torch.randn(m, k, device=device, dtype=dtype)
     dense = torch.randn(n, k, device=device, dtype=dtype) * 0.02
@@ -161,13 +181,14 @@ def w4a4_row(name: str, k: int, n: int, m: int, precision: str, dtype: torch.dty
     flops = 2.0 * m * n * k
     fused = milliseconds(lambda: layer(x), iters)
     gpu = runtime.probe(device.index)
-    (quantize, *launch1), _ = backend.plan_w4a4(layer, x)[1]
-    kernel1 = milliseconds(lambda: gpu.launch(precision, quantize, *launch1), iters)
+    *kernel1_launches, _ = backend.plan_w4a4(layer, x)[1]  # kernel 1, and its branch sum when K is split
+    kernel1 = milliseconds(lambda: [gpu.launch(precision, *launch) for launch in kernel1_launches], iters)
+    kernel1_rate = kernel1_bytes(m, k, rank, precision) / kernel1 / 1e6
     sixteen = milliseconds(lambda: F.linear(x, dense), iters)
     reference = milliseconds(lambda: layer.reference_forward(x), max(3, iters // 10))
     w4a16 = milliseconds(lambda: baseline(x), iters)
-    cells = [f"{fused:.3f}", f"{kernel1:.3f}", tops(flops, fused), f"{sixteen:.3f}", tops(flops, sixteen),
-             f"{sixteen / fused:.2f}x"]
+    cells = [f"{fused:.3f}", f"{kernel1:.3f}", f"{kernel1_rate:.0f}", f"{100 * kernel1_rate / copy:.0f} %",
+             tops(flops, fused), f"{sixteen:.3f}", tops(flops, sixteen), f"{sixteen / fused:.2f}x"]
     if torch.cuda.get_device_capability(device) >= (8, 9):
         if dtype == torch.bfloat16:  # row-wise _scaled_mm writes bf16 only
             fp8 = fp8_rowwise(dense)
@@ -200,13 +221,14 @@ def w4a16_row(name: str, layer, dense: torch.Tensor, m: int, iters: int) -> str:
     error = float((layer(x).double() - ref).norm() / ref.norm())
     weight_bytes = n * k / 2 + 4 * n * k / 64  # codes + 16-bit scales and zeros
     return (f"| {name} | {m} | {k} | {n} | {fused * 1e3:.1f} | {weight_bytes / fused / 1e6:.0f} "
-            f"| {sixteen * 1e3:.1f} | {reference * 1e3:.0f} | {error:.1e} |")
+            f"| {sixteen * 1e3:.1f} | {sixteen / fused:.2f}x | {reference * 1e3:.0f} | {error:.1e} |")
 
 
 def bench(shapes, precision: str, dtype: torch.dtype, rank: int, iters: int, device) -> None:
     dtype_name = str(dtype).replace("torch.", "")
     capability = torch.cuda.get_device_capability(device)
-    columns = ["fused ms", "of which kernel 1 ms", "fused TOPS", "16-bit ms", "16-bit TFLOPS", "speed-up"]
+    columns = ["fused ms", "of which kernel 1 ms", "kernel 1 GB/s", "of copy", "fused TOPS", "16-bit ms",
+               "16-bit TFLOPS", "speed-up"]
     if capability >= (8, 9):
         columns.append("FP8 row-wise ms")
     emulated = wgmma = None
@@ -221,15 +243,17 @@ def bench(shapes, precision: str, dtype: torch.dtype, rank: int, iters: int, dev
         columns += ["wgmma ms", "wgmma TOPS (% of INT8 peak)", "wgmma speed-up", "wgmma rel. error"]
         print(f"\nINT8 dense peak {peak:.0f} TOPS: {how}")
     columns += ["reference ms", "W4A16 ms", "rel. error"]
-    print(f"\n### W4A4 {precision}, rank {rank}, {dtype_name}\n")
+    copy = copy_gbps(device, iters)
+    print(f"\n### W4A4 {precision}, rank {rank}, {dtype_name} (copy bandwidth: {copy:.0f} GB/s)\n")
     print(f"| layer | M | K | N | {' | '.join(columns)} |")
     print("|---" * (4 + len(columns)) + "|")
     for name, k, n, m in shapes:
-        print(w4a4_row(name, k, n, m, precision, dtype, rank, iters, device, emulated, wgmma), flush=True)
+        print(w4a4_row(name, k, n, m, precision, dtype, rank, iters, device, emulated, wgmma, copy),
+              flush=True)
         torch.cuda.empty_cache()
     print(f"\n### W4A16 modulation GEMV, {dtype_name}\n")
-    print("| layer | M | K | N | fused µs | fused GB/s (weights) | 16-bit µs | reference µs | rel. error |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| layer | M | K | N | fused µs | fused GB/s (weights) | 16-bit µs | speed-up | reference µs | rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, k, n in MODULATION:
         layer, dense = random_w4a16(k, n, dtype, device), torch.randn(n, k, device=device, dtype=dtype) * 0.02
         for m in (1, 2):

@@ -35,6 +35,12 @@ BACKENDS = ("auto", "cuda", "torch")
 W4A16_MAX_ROWS = 64  # the GEMV re-reads the weights every 4 rows; larger batches use the reference matmul
 # Kernel 2's rows per CTA: gemm_w4a4.cu's and gemm_w4a4_sm90.cu's; kernel 1's outputs are padded to the one run.
 _ROW_TILE, _WGMMA_ROW_TILE = 256, 128
+# Kernel 1 splits K into ranges so that about this many CTAs (16 rows x one K range) share the GPU: several per
+# SM on a 132-SM H100/H200 or a 128-SM RTX 4090, so that each SM has enough loads in flight and no SM waits
+# for a second wave. A range is at least 2 chunks of 256 columns: the fp32 branch sums a range adds (Mp·rank
+# words, written and read once) stay small against the input it reads.
+_KERNEL1_CTAS = 1024
+_KERNEL1_CHUNK = 256
 _MAX_PLANS = 4096  # a FLUX model has ~500 quantized layers, each seeing a few input shapes
 Launch = tuple  # (kernel name, grid (x, y, z), threads per block, arguments)
 _noted: set[str] = set()
@@ -159,21 +165,37 @@ def use_wgmma(on: bool) -> None:
     _plans.clear()
 
 
+def _kernel1_ranges(tiles: int, kp: int) -> int:
+    """How many K ranges kernel 1 splits ``kp`` columns into, for ``tiles`` CTAs per range; none empty."""
+    chunks = -(-kp // _KERNEL1_CHUNK)
+    ranges = max(1, min(-(-_KERNEL1_CTAS // tiles), chunks // 2))
+    return -(-chunks // -(-chunks // ranges))
+
+
 def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int,
                    wgmma: bool = False) -> tuple[list[Launch], tuple[int, int, int]]:
-    """Kernel 1 and kernel 2 of a W4A4 forward of ``m`` rows (arguments: weight tensors, None, ints and
-    the per-call slots), and the workspace words they share (codes, ascales, lora_act). ``wgmma``: kernel 2
-    of an INT4 layer is gemm_w4a4_sm90.cu's (same arguments and block; 128-row CTAs)."""
+    """Kernel 1 (with its split-K branch sum when K is split) and kernel 2 of a W4A4 forward of ``m`` rows
+    (arguments: weight tensors, None, ints and the per-call slots), and the workspace words they share
+    (codes, ascales, lora_act; the branch sums of a split K follow lora_act). ``wgmma``: kernel 2 of an INT4
+    layer is gemm_w4a4_sm90.cu's (same arguments and block; 128-row CTAs)."""
     np_, kp, rank = layer.qweight.shape[0], layer.qweight.shape[1] * 2, layer.rank
     nvfp4 = layer.precision == "nvfp4"
     wgmma = wgmma and not nvfp4
     rows = _WGMMA_ROW_TILE if wgmma else _ROW_TILE
     mp = packing.round_up(m, rows)
-    suffix = f"{'nvfp4' if nvfp4 else ('uint4' if layer.act_unsigned else 'int4')}_{_dtype_name(layer)}"
-    workspace = (mp * kp // 8, mp * kp // 64, max(mp * rank // 2, 4))  # NVFP4 scales: the same count of u32
+    dtype = _dtype_name(layer)
+    suffix = f"{'nvfp4' if nvfp4 else ('uint4' if layer.act_unsigned else 'int4')}_{dtype}"
+    rank_passes = max(1, -(-rank // 64))
+    ranges = _kernel1_ranges(mp // 16 * rank_passes, kp)
+    summed = rank > 0 and ranges > 1
+    # NVFP4 scales: the same count of u32
+    workspace = (mp * kp // 8, mp * kp // 64, max(mp * rank // 2, 4) + (ranges * mp * rank if summed else 0))
+    branch_sum = [(f"svdq_quantize_branch_sum_{dtype}", (-(-mp * rank // 8 // 128), 1, 1), 128,
+                   [LORA_ACT, rank, mp, ranges])] if summed else []
     return [
-        (f"svdq_quantize_{suffix}", (mp // 16, 1, max(1, -(-rank // 64))), 128,
+        (f"svdq_quantize_{suffix}", (mp // 16, ranges, rank_passes), 128,
          [X, layer.smooth_factor, layer.proj_down, CODES, ASCALES, LORA_ACT, m, ldx, kx, kp, rank, mp]),
+        *branch_sum,
         (f"{_WGMMA_PREFIX if wgmma else 'svdq_gemm_'}{suffix}", (np_ // 128, mp // rows, 1), 256,
          [CODES, ASCALES, layer.qweight, layer.wscales, LORA_ACT, layer.proj_up, layer.bias,
           layer.wcscales if nvfp4 else None, layer.wtscale if nvfp4 else None, Y, m, layer.out_features, kp, rank,

@@ -56,6 +56,7 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(u32 i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline u32 float_bits(float f) { u32 i; std::memcpy(&i, &f, 4); return i; }
+inline u32 __float_as_uint(float f) { return float_bits(f); }
 using std::min;
 
 // ---- fibers, barriers, warp exchange ---------------------------------------------------------
@@ -172,6 +173,7 @@ inline unsigned lane() { return current->thread.x % 32; }
 #define blockDim (emu::block_size)
 
 inline void __syncthreads() { emu::wait(emu::cta->block); }
+inline void __syncwarp() { emu::wait(emu::cta->warps[emu::current->thread.x / 32]); }
 
 template <class T> T __shfl_xor_sync(unsigned, T v, int mask) {
     return emu::exchange(v)[emu::lane() ^ mask];

@@ -13,20 +13,26 @@
 //   INT4 signed:    v = x / smooth;            scale = absmax64(v) / 7;        code = rint(v / scale) in [-8, 7]
 //   INT4 unsigned:  v = (x + 0.171875) / smooth; scale = max(max64(v), 0) / 15; code in [0, 15]
 //   NVFP4:          v = x / smooth;            scale = e4m3(absmax16(v) / 6);  code = e2m1(v / scale)
-// (a zero scale gives zero codes). Division is IEEE-rounded (NVRTC's default -prec-div=true), so
-// codes and scales are bit-identical to the PyTorch reference, except that fp32 subnormals (below
-// 2^-126, far under any 16-bit activation that matters) flush to zero: CuPy's RawModule compiles with
-// -ftz=true whatever it is given. The branch uses the raw x (not x/smooth:
-// proj_down is stored pre-divided), accumulates in fp32 and rounds once to 16 bits.
+// (a zero scale gives zero codes). Every quotient is the IEEE-rounded one, but no element pays a division:
+// each divisor's reciprocal is computed once (a smoothing factor once per CTA, a scale once per group
+// row) and each quotient is a multiply and two FMAs (common.cuh, Divisor), bit for bit the quotient
+// the PyTorch reference divides out. So codes and scales are bit-identical to the reference, except
+// below 2^-100 (bf16 activations only; CuPy's RawModule compiles with -ftz=true whatever it is given,
+// so fp32 subnormals flush to zero anyway). The branch uses the raw x (not x/smooth: proj_down is
+// stored pre-divided), accumulates in fp32 and rounds once to 16 bits.
 //
-// Work split. A CTA (4 warps) owns one 16-row tile (mt) and walks K in chunks of 256 columns staged
-// through shared memory with cp.async, STAGES chunks in flight (a CTA reads only 8 KB per chunk; with
-// two buffers the K loop waited on memory latency: 0.39 ms for K = 15360 on an H200, now 0.33 ms).
-// In a chunk, warp w owns the 64-column group 4·chunk + w: it quantizes it (CTAs with blockIdx.z = 0
-// only) and multiplies it with proj_down for up to 4 rank tiles of 16 (rank tiles 4·blockIdx.z ..
-// 4·blockIdx.z + 3: ranks above 64, such as a checkpoint's 32 grown by LoRAs, use more CTAs along z
-// instead of more registers). The four warps' partial branch sums are added in shared memory in a
-// fixed order (warp 0 + 1 + 2 + 3): the result is bitwise reproducible.
+// Work split. A CTA (4 warps) owns one 16-row tile (mt) and one range of K: blockIdx.y of gridDim.y
+// equal runs of 256-column chunks. One CTA walking all of K for its rows gave too few CTAs (288 at
+// FLUX's 4608 tokens, 32 at 512) to keep an H200's memory busy (0.4 TB/s); the backend picks gridDim.y
+// so that about a thousand CTAs share the GPU. A CTA stages its chunks through shared memory with
+// cp.async, STAGES in flight. In a chunk, warp w owns the 64-column group 4·chunk + w: it quantizes it
+// (CTAs with blockIdx.z = 0 only) and multiplies it with proj_down for up to 4 rank tiles of 16 (rank
+// tiles 4·blockIdx.z .. 4·blockIdx.z + 3: ranks above 64, such as a checkpoint's 32 grown by LoRAs, use
+// more CTAs along z instead of more registers). The four warps' branch sums are added in shared memory
+// in a fixed order (warp 0 + 1 + 2 + 3). With one K range the CTA rounds them into lora_act; with
+// several it stores them in fp32 after lora_act (partial, below) and svdq_quantize_branch_sum adds the
+// ranges in order 0, 1, 2 ... and rounds: bitwise reproducible either way, and kernel 2 reads lora_act
+// only, as it always did.
 //
 // Output layouts (Mp = M rounded up to kernel 2's rows per CTA, backend.py; G = K / 64). Everything is
 // written, the padded rows M..Mp-1 as the quantization of zero input, so kernel 2 reads no uninitialized memory:
@@ -42,12 +48,14 @@
 //   lora_act u32 [Mp/16][R/16][32 lanes][4]: the 16x16 tile (mt, rank tile) as an m16n8k16 A
 //            fragment: word 0 = (row g, ranks 2t, 2t+1), word 1 = (row g+8, 2t..), word 2 = (row g,
 //            8+2t..), word 3 = (row g+8, 8+2t..), low half = lower rank.
+//   partial  f32 [gridDim.y][Mp/16][R/16][32 lanes][8], only when gridDim.y > 1, at lora_act + Mp·R/2
+//            words: a K range's branch sums, element e of a lane = accumulator e & 3 of 8-rank half e >> 2.
 #include "common.cuh"
 
 namespace {
 
 constexpr int ROWS = 16, WARPS = 4, CHUNK = 256, SEGS = CHUNK / 8;  // SEGS 16-byte segments per row
-constexpr int STAGES = 4;                                            // chunks in flight
+constexpr int STAGES = 3;  // chunks staged per CTA: a K range is short, and several CTAs share an SM
 constexpr int RANK_TILES = 4;                                        // rank tiles per CTA (blockIdx.z)
 constexpr float GELU_SHIFT = 0.171875f;
 
@@ -62,13 +70,14 @@ DEVICE int swz(int r) {
 // Position of a packed per-channel vector's element k (svdquant/packing.pack_vector):
 // k = 128·blk + 16·a + 8·b + 2·c + d is stored at 128·blk + 16·a + 4·c + 2·b + d. For the 8 columns
 // 8j..8j+7 the pairs (d = 0, 1) are adjacent: pair c sits at smooth_pair_pos(8j) + 4·c.
-DEVICE int smooth_pair_pos(int k) {
-    return (k & ~15) | ((k >> 2) & 2);
+DEVICE int packed_pos(int k) {
+    return (k & ~15) | (((k >> 1) & 3) << 2) | (((k >> 3) & 1) << 1) | (k & 1);
 }
 
 struct SharedX {
     u16 x[STAGES][ROWS][CHUNK];  // staged input, swizzled per row
     u16 smooth[STAGES][CHUNK];   // the matching slice of the packed smoothing vector
+    float2 div[WARPS][64];       // (smooth, 1 / smooth) of the columns of each warp's group, in column order
 };
 constexpr int RED_FLOATS = (WARPS - 1) * RANK_TILES * 32 * 8;  // partial branch sums of warps 1..3
 union Shared {
@@ -76,28 +85,46 @@ union Shared {
     float red[RED_FLOATS];
 };
 
+// Two m16n8 accumulators (8-rank halves) rounded to 16 bits as one m16n8k16 A fragment.
+template <class T> DEVICE uint4 fragment(const float (&lo)[4], const float (&hi)[4]) {
+    return make_uint4(pack2<T>(lo[0], lo[1]), pack2<T>(lo[2], lo[3]), pack2<T>(hi[0], hi[1]), pack2<T>(hi[2], hi[3]));
+}
+
 template <class T, int MODE> struct Kernel1 {
-    // The values of row (g + 8h) at columns [col, col + 8) of the staged chunk, after the shift and the
-    // smoothing division.
-    static DEVICE void load8(float (&v)[8], const Shared& sm, int buf, int row, int col) {
+    // The smoothing divisors of warp w's group (columns 64·w.. of the chunk in buffer `buf`): lane l
+    // computes the reciprocals of columns l and l + 32, once for the CTA's 16 rows.
+    static DEVICE void divisors(Shared& sm, int buf, int w, int lane) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int c = lane + 32 * i;
+            const Divisor d = Divisor::of(to_f32<T>(sm.stage.smooth[buf][packed_pos(64 * w + c)]));
+            sm.stage.div[w][c] = make_float2(d.b, d.y);
+        }
+        __syncwarp();
+    }
+
+    // The values of row (g + 8h) at columns [col, col + 8) of the staged chunk (in warp w's group), after
+    // the shift and the smoothing division.
+    static DEVICE void load8(float (&v)[8], const Shared& sm, int buf, int w, int row, int col) {
         const uint4 raw = *(const uint4*)&sm.stage.x[buf][row][((col >> 3) ^ swz(row)) << 3];
         const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
-        const int pos = smooth_pair_pos(col);
+        const float4* div = (const float4*)&sm.stage.div[w][col & 63];
 #pragma unroll
         for (int c = 0; c < 4; c++) {
-            const u32 sp = *(const u32*)&sm.stage.smooth[buf][pos + 4 * c];
+            const float4 pair = div[c];  // (b, 1/b) of columns col + 2c and col + 2c + 1
 #pragma unroll
             for (int d = 0; d < 2; d++) {
                 float xv = to_f32<T>((u16)(words[c] >> (16 * d)));
                 if constexpr (MODE == MODE_INT4_UNSIGNED) xv = xv + GELU_SHIFT;
-                v[2 * c + d] = xv / to_f32<T>((u16)(sp >> (16 * d)));
+                v[2 * c + d] = d ? Divisor{pair.z, pair.w}(xv) : Divisor{pair.x, pair.y}(xv);
             }
         }
     }
 
     // Quantize the 16x64 group `grp` (columns 64·w.. of the chunk in buffer `buf`).
-    static DEVICE void quantize(const Shared& sm, int buf, int w, int lane, int mt, int grp, int G, int Mp,
-                                u32* codes, void* ascales) {
+    static DEVICE void quantize(Shared& sm, int buf, int w, int lane, int mt, int grp, int G, int Mp, u32* codes,
+                                void* ascales) {
+        divisors(sm, buf, w, lane);
         const int g = lane >> 2, t = lane & 3;
         u32 word[2][2];  // [h: row g + 8h][half: columns 32·half + 8t .. +7]
         if constexpr (MODE != MODE_NVFP4) {
@@ -106,7 +133,7 @@ template <class T, int MODE> struct Kernel1 {
             for (int h = 0; h < 2; h++) {  // one row at a time keeps 16 values live, not 32
                 float v[2][8];
 #pragma unroll
-                for (int half = 0; half < 2; half++) load8(v[half], sm, buf, g + 8 * h, 64 * w + 32 * half + 8 * t);
+                for (int half = 0; half < 2; half++) load8(v[half], sm, buf, w, g + 8 * h, 64 * w + 32 * half + 8 * t);
                 float m = MODE == MODE_INT4 ? 0.0f : v[0][0];
 #pragma unroll
                 for (int half = 0; half < 2; half++)
@@ -115,15 +142,21 @@ template <class T, int MODE> struct Kernel1 {
                 // the group's other 48 columns are in the lanes t ^ 1, t ^ 2 of the same row
                 m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 1));
                 m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 2));
-                scale[h] = MODE == MODE_INT4 ? m / 7.0f : fmaxf(m, 0.0f) / 15.0f;
+                // / 7 and / 15 as constant Divisors: the reciprocal folds at compile time (no FCHK, no
+                // slow path), the quotient is still the IEEE one
+                scale[h] = MODE == MODE_INT4 ? Divisor::of(7.0f)(m) : Divisor::of(15.0f)(fmaxf(m, 0.0f));
+                const Divisor div = Divisor::or_zero(scale[h]);
 #pragma unroll
                 for (int half = 0; half < 2; half++) {
                     u32 packed = 0;
 #pragma unroll
                     for (int e = 0; e < 8; e++) {
-                        float q = scale[h] > 0.0f ? rintf(v[half][e] / scale[h]) : 0.0f;
-                        q = MODE == MODE_INT4 ? fminf(fmaxf(q, -8.0f), 7.0f) : fminf(fmaxf(q, 0.0f), 15.0f);
-                        packed |= ((u32)(int)q & 0xFu) << (4 * e);
+                        // The reference clamps rint(q) to [-8, 7] (unsigned: [0, 15]), but |v| <= m and
+                        // scale = RN(m / 7) bound |q| by 7·(1 + 2^-23), so only an unsigned code of a
+                        // negative v (input below the GELU shift) is ever clamped (at 0, before rounding:
+                        // the bound is an integer).
+                        const float q = div(v[half][e]);
+                        packed |= nibble_of(MODE == MODE_INT4 ? q : fmaxf(q, 0.0f)) << (4 * e);
                     }
                     word[h][half] = packed;
                 }
@@ -141,16 +174,16 @@ template <class T, int MODE> struct Kernel1 {
 #pragma unroll
                 for (int half = 0; half < 2; half++) {
                     float v[8];
-                    load8(v, sm, buf, g + 8 * h, 64 * w + 32 * half + 8 * t);
+                    load8(v, sm, buf, w, g + 8 * h, 64 * w + 32 * half + 8 * t);
                     float m = 0.0f;
 #pragma unroll
                     for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[e]));
                     m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 1));
-                    fp8[h][half] = f32_to_e4m3(m / 6.0f);
-                    const float s = e4m3_to_f32(fp8[h][half]);
+                    fp8[h][half] = f32_to_e4m3(Divisor::of(6.0f)(m));  // IEEE m / 6, reciprocal folded
+                    const Divisor div = Divisor::or_zero(e4m3_to_f32(fp8[h][half]));
                     u32 packed = 0;
 #pragma unroll
-                    for (int e = 0; e < 8; e++) packed |= (s > 0.0f ? e2m1_code(v[e] / s) : 0u) << (4 * e);
+                    for (int e = 0; e < 8; e++) packed |= e2m1_code(div(v[e])) << (4 * e);
                     word[h][half] = packed;
                 }
             // Row (g + 8h)'s scale register: byte q = group q of the 64 columns. Lane t holds groups
@@ -204,7 +237,8 @@ template <class T, int MODE> struct Kernel1 {
         const int mt = blockIdx.x, G = K / 64, RT = R / 16;
         const int rt0 = RANK_TILES * blockIdx.z, nrt = min(RANK_TILES, RT - rt0);
         const bool quantizing = blockIdx.z == 0;
-        const int chunks = (K + CHUNK - 1) / CHUNK;
+        const int chunks = (K + CHUNK - 1) / CHUNK, per = (chunks + (int)gridDim.y - 1) / (int)gridDim.y;
+        const int c0 = (int)blockIdx.y * per, c1 = min(chunks, c0 + per);  // this CTA's K range (never empty)
 
         auto stage = [&](int chunk, int buf) {
             const int k0 = chunk * CHUNK;
@@ -229,15 +263,15 @@ template <class T, int MODE> struct Kernel1 {
             for (int e = 0; e < 8; e++) acc[j][e >> 2][e & 3] = 0.0f;
 
         for (int s = 0; s < STAGES - 1; s++) {
-            if (s < chunks) stage(s, s);
+            if (c0 + s < c1) stage(c0 + s, s);
             else cp_async_commit();  // empty groups keep the wait count uniform
         }
-        for (int chunk = 0; chunk < chunks; chunk++) {
-            const int buf = chunk % STAGES;
+        for (int chunk = c0; chunk < c1; chunk++) {
+            const int buf = (chunk - c0) % STAGES;
             cp_async_wait<STAGES - 2>();
             __syncthreads();  // chunk landed for everyone; the buffer of chunk - 1 is no longer read
             const int next = chunk + STAGES - 1;
-            if (next < chunks) stage(next, next % STAGES);
+            if (next < c1) stage(next, (next - c0) % STAGES);
             else cp_async_commit();
             const int grp = chunk * (CHUNK / 64) + w;
             if (grp < G) {  // the last chunk may hold only 128 columns
@@ -270,26 +304,60 @@ template <class T, int MODE> struct Kernel1 {
 #pragma unroll
                     for (int e = 0; e < 8; e++) acc[j][e >> 2][e & 3] += p[e];
                 }
-                // The m16n8k16 accumulator (rows g / g+8, ranks 2t, 2t+1 of each 8-rank half) is
-                // already the A fragment kernel 2 needs; round to 16 bits and store it whole.
-                const uint4 frag =
-                    make_uint4(pack2<T>(acc[j][0][0], acc[j][0][1]), pack2<T>(acc[j][0][2], acc[j][0][3]),
-                               pack2<T>(acc[j][1][0], acc[j][1][1]), pack2<T>(acc[j][1][2], acc[j][1][3]));
-                *(uint4*)&lora_act[(((size_t)mt * RT + rt0 + j) * 32 + lane) * 4] = frag;
+                const size_t frag = ((size_t)mt * RT + rt0 + j) * 32 + lane;
+                if (gridDim.y == 1) {  // the m16n8k16 accumulator (rows g / g+8, ranks 2t, 2t+1 of each
+                                       // 8-rank half) is already kernel 2's A fragment: round, store whole
+                    *(uint4*)&lora_act[frag * 4] = fragment<T>(acc[j][0], acc[j][1]);
+                } else {
+                    float* out = (float*)(lora_act + (size_t)Mp * R / 2) +
+                                 (blockIdx.y * (size_t)(Mp / 16) * RT * 32 + frag) * 8;
+                    *(float4*)out = make_float4(acc[j][0][0], acc[j][0][1], acc[j][0][2], acc[j][0][3]);
+                    *(float4*)(out + 4) = make_float4(acc[j][1][0], acc[j][1][1], acc[j][1][2], acc[j][1][3]);
+                }
             }
         }
     }
 };
 
+// The second stage of a split K: lora_act = round16(partial range 0 + range 1 + ...), one thread per lane
+// fragment (Mp/16 · R/16 · 32 of them).
+template <class T> DEVICE void branch_sum(u32* __restrict__ lora_act, int R, int Mp, int ranges) {
+    const size_t frags = (size_t)(Mp / 16) * (R / 16) * 32, i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= frags) return;
+    const float* part = (const float*)(lora_act + (size_t)Mp * R / 2) + i * 8;
+    float acc[2][4] = {};
+    for (int s = 0; s < ranges; s++) {
+        const float4 lo = *(const float4*)(part + s * frags * 8), hi = *(const float4*)(part + s * frags * 8 + 4);
+        acc[0][0] += lo.x, acc[0][1] += lo.y, acc[0][2] += lo.z, acc[0][3] += lo.w;
+        acc[1][0] += hi.x, acc[1][1] += hi.y, acc[1][2] += hi.z, acc[1][3] += hi.w;
+    }
+    *(uint4*)&lora_act[i * 4] = fragment<T>(acc[0], acc[1]);
+}
+
 }  // namespace
 
-// One entry point per (dtype, mode); grid (Mp / 16, 1, max(1, ceil(R / 64))), block 128.
+// One entry point per (dtype, mode); grid (Mp / 16, K ranges, max(1, ceil(R / 64))), block 128. CTAS_PER_SM
+// CTAs fit on an A100/H100/H200 SM (at most 128 registers, 27.5 KB of shared memory each; 3 on an RTX 30/40):
+// with two chunks in flight per CTA, 64 KB of loads per SM, more than an H200 needs to cover its memory
+// latency (about 36 KB: 4.8 TB/s for ~1 µs, over 132 SMs).
+constexpr int CTAS_PER_SM = 4;
 #define SVDQ_QUANTIZE(NAME, T, MODE)                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                                 \
+    extern "C" __global__ void __launch_bounds__(128, CTAS_PER_SM) NAME(                                                 \
         const u16* x, const u16* smooth, const u16* down, u32* codes, void* ascales, u32* lora_act, int M,    \
         int ldx, int Kx, int K, int R, int Mp) {                                                             \
         Kernel1<T, MODE>::run(x, smooth, down, codes, ascales, lora_act, M, ldx, Kx, K, R, Mp);              \
     }
+
+// The split-K branch sum: grid ceil(Mp/16 · R/16 · 32 / 128), block 128; `ranges` = kernel 1's gridDim.y.
+#define SVDQ_BRANCH_SUM(NAME, T)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) NAME(u32* lora_act, int R, int Mp, int ranges) {       \
+        branch_sum<T>(lora_act, R, Mp, ranges);                                                               \
+    }
+
+SVDQ_BRANCH_SUM(svdq_quantize_branch_sum_fp16, fp16_t)
+#if __CUDA_ARCH__ >= 800
+SVDQ_BRANCH_SUM(svdq_quantize_branch_sum_bf16, bf16_t)
+#endif
 
 #if defined(SVDQ_FAMILY_INT4)
 SVDQ_QUANTIZE(svdq_quantize_int4_fp16, fp16_t, MODE_INT4)

@@ -60,15 +60,18 @@ class _Kernel:
         self.name, self.ptr, self.arity = name, ptr, arity
 
 
-def _arity(source: str) -> int:
-    """Parameters of the kernel entry point a .cu file defines (its ``extern "C" __global__`` macro)."""
+def _arities(source: str) -> dict[str, int]:
+    """Parameters of each kernel entry point a .cu file defines, by kernel name: the parameter count of each
+    ``extern "C" __global__`` macro, for every name the file instantiates it with."""
     text = (KERNELS / source).read_text()
-    params = re.search(r'extern "C" __global__ void.*?\bNAME\(([^)]*)\)', text, re.S).group(1)
-    return params.count(",") + 1
+    macros = {m.group(1): m.group(2).count(",") + 1 for m in
+              re.finditer(r'#define (\w+)\(NAME\b.*?extern "C" __global__ void.*?\bNAME\(([^)]*)\)', text, re.S)}
+    return {m.group(2): macros[m.group(1)] for m in re.finditer(r"^(\w+)\((\w+),", text, re.M) if m.group(1) in macros}
 
 
-# Arguments per kernel, by name prefix: svdq_quantize_*, svdq_gemm_* (the wgmma kernel 2 takes the same), …
-_ARITY = {unit.kernel_prefix: _arity(unit.source) for units in build.FAMILIES.values() for unit in units}
+# Arguments per kernel name: svdq_quantize_* (and kernel 1's branch sum), svdq_gemm_*, the wgmma kernel 2, …
+_ARITY = {name: n for unit in (*(u for units in build.FAMILIES.values() for u in units), build.WGMMA)
+          for name, n in _arities(unit.source).items()}
 
 
 @dataclass
@@ -80,7 +83,7 @@ class StubGpu:
 
     def kernel(self, name: str) -> _Kernel:
         """A kernel function whose launches are recorded, e.g. of a module built as a variant."""
-        made = _Kernel(name, 0x1000 + len(self.kernels), _ARITY[name[:name.index("_", 5)]])
+        made = _Kernel(name, 0x1000 + len(self.kernels), _ARITY[name])
         self.kernels[made.ptr] = made
         return made
 
@@ -103,6 +106,7 @@ def _kernel_names() -> list[str]:
     dtypes = ("bf16", "fp16")
     w4a4 = [f"svdq_{kind}_{mode}_{dt}" for kind, mode, dt in
             itertools.product(("quantize", "gemm"), ("int4", "uint4", "nvfp4"), dtypes)]
+    w4a4 += [f"svdq_quantize_branch_sum_{dt}" for dt in dtypes]
     return w4a4 + [f"svdq_gemv_w4a16_{dt}_m{rows}" for dt, rows in itertools.product(dtypes, (1, 2, 4))]
 
 

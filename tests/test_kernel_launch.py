@@ -90,12 +90,27 @@ def test_flux_linear2_halves_are_read_in_place(gpu):
         SplitInputLinear([attn, mlp])(x)
     finally:
         dispatch.install("w4a4", None)
-    quantize = [args for name, _, _, args in gpu.launches if name.startswith("svdq_quantize")]
+    quantize = [args for name, _, _, args in gpu.launches
+                if name.startswith("svdq_quantize") and "branch_sum" not in name]
     assert len(quantize) == 2
     for args, offset in zip(quantize, (0, 256), strict=True):
         pointers = _pointers(args)
         assert pointers[0] == x.data_ptr() + 2 * offset  # no copy of either half
         assert pointers[7] == 1280  # ldx: the full row
+
+
+def test_kernel1_splits_a_long_k_into_ranges_summed_before_kernel_2(gpu):
+    """FLUX's single-block linear at 1024² (4608 tokens): one CTA per 16 rows would be 288 CTAs walking all of
+    K; the plan splits K so that about 1024 CTAs share the GPU, and the branch sums of the ranges are added
+    by a second small kernel before kernel 2 reads lora_act."""
+    layer = random_w4a4(3072, 128, 32, "int4")
+    backend.w4a4(layer, _x(4608, 3072))
+    (quantize, grid, _, args), (branch_sum, sum_grid, _, sum_args), (gemm, *_) = gpu.launches
+    assert (quantize, branch_sum, gemm) == ("svdq_quantize_int4_bf16", "svdq_quantize_branch_sum_bf16",
+                                            "svdq_gemm_int4_bf16")
+    assert grid == (288, 4, 1)  # 16-row tiles x K ranges of 3 chunks of 256 columns x rank passes
+    assert _pointers(sum_args) == [_pointers(args)[5], 32, 4608, 4]  # kernel 1's lora_act, rank, Mp, ranges
+    assert sum_grid == (4608 * 32 // 8 // 128, 1, 1)  # one thread per 16x16 fragment lane
 
 
 def test_an_input_width_that_is_not_a_multiple_of_128_needs_no_padded_copy(gpu):

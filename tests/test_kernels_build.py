@@ -90,8 +90,9 @@ def _entry_points(arch: str, stem: str) -> set[str]:
     if source == "gemv_w4a16":
         return {f"svdq_gemv_w4a16_{d}_m{m}" for d in dtypes for m in (1, 2, 4)}
     modes = ("int4", "uint4") if family == "int4" else ("nvfp4",)
-    kind = "quantize" if source == "quantize" else "gemm"
-    return {f"svdq_{kind}_{mode}_{d}" for mode in modes for d in dtypes}
+    if source == "quantize":  # kernel 1, and the second stage of its split K
+        return {f"svdq_quantize_{mode}_{d}" for mode in [*modes, "branch_sum"] for d in dtypes}
+    return {f"svdq_gemm_{mode}_{d}" for mode in modes for d in dtypes}
 
 
 @pytest.mark.parametrize("arch", build.CI_TARGETS)
@@ -180,9 +181,51 @@ def test_quantize_runs_the_branch_down_on_tensor_cores(listings, arch):
         if not unit.stem.startswith("quantize"):
             continue
         for name, ops in _kernels(listings, arch, unit.stem).items():
+            if "branch_sum" in name:
+                continue
             hmma = "HMMA.1688.F32" if arch == "sm_75" else "HMMA.16816.F32" + (".BF16" if "bf16" in name else "")
             # 4 rank tiles x 4 k16 steps x 2 halves per 64-column group (two m16n8k8 each on sm_75)
             assert ops.get(hmma, 0) == (64 if arch == "sm_75" else 32), (arch, name, dict(ops))
+
+
+# Kernel 1's divisions. Per 64-column group a lane quantizes 32 elements (rows g and g + 8, 16 columns): they
+# share 16 smoothing factors and 2 scales (NVFP4: 4). One IEEE division per element and divisor was 2 per
+# element (131 division sequences in each INT4 kernel: 65 MUFU.RCP and 66 FCHK); one reciprocal per divisor
+# needs a division sequence per divisor and no more. A division sequence starts with MUFU.RCP (a reciprocal or
+# a division by a variable) or FCHK (a division by a constant, m / 7, which needs no MUFU), wherever the
+# compiler puts it (inline, or in the subroutine of a slow path).
+KERNEL1_DIVISORS = {"int4": 16 + 2, "uint4": 16 + 2, "nvfp4": 16 + 4}
+
+
+@NEEDS_TOOL
+@pytest.mark.parametrize("arch", build.CI_TARGETS)
+def test_quantize_divides_once_per_divisor(listings, arch):
+    for unit in _units(arch):
+        if not unit.stem.startswith("quantize"):
+            continue
+        for name, ops in _kernels(listings, arch, unit.stem).items():
+            mode = name.split("_")[2]
+            if mode == "branch":
+                continue
+            sequences = sass.count(ops, "MUFU.RCP") + sass.count(ops, "FCHK")
+            assert sequences <= KERNEL1_DIVISORS[mode], (arch, name, sequences)
+
+
+# The W4A16 GEMV streams its weights: per slab of 2048 columns each lane issues its 8 16-byte weight loads
+# (the kernel's only non-coherent 16-byte loads) before its first multiply, so that 4 KB per warp are in
+# flight at once (the kernel that loaded a step at a time read the modulation weights at 0.4 to 0.65 TB/s on
+# an H200).
+GEMV_LOADS_IN_FLIGHT = 8
+
+
+@NEEDS_TOOL
+@pytest.mark.parametrize("arch", build.CI_TARGETS)
+def test_gemv_issues_a_slab_of_weight_loads_before_it_multiplies(listings, arch):
+    for name, text in listings[(arch, "gemv_w4a16")].items():
+        ops = sass._INSTRUCTION.findall(text)
+        first_multiply = next(i for i, op in enumerate(ops) if op.startswith("FFMA"))
+        loads = [op for op in ops[:first_multiply] if op.startswith("LDG.E.128.CONSTANT")]
+        assert len(loads) >= GEMV_LOADS_IN_FLIGHT, (arch, name, len(loads))
 
 
 # --- the opt-in wgmma kernel 2 (sm_90a) ---

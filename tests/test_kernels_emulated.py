@@ -42,16 +42,18 @@ HARNESS = r"""
     const u16*, const u16*, const float*, u16*, int, int, int, int, int) __attribute__((weak));
 #define V(name) extern "C" void name(const uint4*, const u16*, const u16*, const u16*, const u16*, u16*, int, int, \
     int, int) __attribute__((weak));
-#define KERNELS(X, Y, Z)                                                                                  \
+#define S(name) extern "C" void name(u32*, int, int, int) __attribute__((weak));
+#define KERNELS(X, W, Y, Z)                                                                                \
     X(svdq_quantize_int4_bf16) X(svdq_quantize_int4_fp16) X(svdq_quantize_uint4_bf16)                     \
     X(svdq_quantize_uint4_fp16) X(svdq_quantize_nvfp4_bf16) X(svdq_quantize_nvfp4_fp16)                   \
+    W(svdq_quantize_branch_sum_bf16) W(svdq_quantize_branch_sum_fp16)                                     \
     Y(svdq_gemm_int4_bf16) Y(svdq_gemm_int4_fp16) Y(svdq_gemm_uint4_bf16) Y(svdq_gemm_uint4_fp16)        \
     Y(svdq_gemm_nvfp4_bf16) Y(svdq_gemm_nvfp4_fp16)                                                      \
     Y(svdq_gemm_wgmma_int4_bf16) Y(svdq_gemm_wgmma_int4_fp16) Y(svdq_gemm_wgmma_uint4_bf16)              \
     Y(svdq_gemm_wgmma_uint4_fp16)                                                                        \
     Z(svdq_gemv_w4a16_bf16_m1) Z(svdq_gemv_w4a16_bf16_m2) Z(svdq_gemv_w4a16_bf16_m4)                     \
     Z(svdq_gemv_w4a16_fp16_m1) Z(svdq_gemv_w4a16_fp16_m2) Z(svdq_gemv_w4a16_fp16_m4)
-KERNELS(Q, G, V)
+KERNELS(Q, S, G, V)
 
 template <class P> P arg(uint64_t v) {
     if constexpr (std::is_pointer_v<P>) return reinterpret_cast<P>(v); else return (P)(int64_t)v;
@@ -101,7 +103,7 @@ extern "C" void emu_wgmma_probe(const u32* a, const unsigned char* b, int bytes,
 extern "C" int emu_run(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned block,
                        const uint64_t* args, int n) {
     const uint3 grid = {gx, gy, gz};
-    KERNELS(RUN, RUN, RUN)
+    KERNELS(RUN, RUN, RUN, RUN)
     PROBE
     return 4;  // unknown name
 }
@@ -195,7 +197,11 @@ CASES = [  # (arch, precision, unsigned, dtype, k, n, rank, m)
     (800, "int4", True, torch.bfloat16, 256, 128, 80, 1),     # rank 80: two rank passes; one row
     (800, "int4", False, torch.float16, 200, 129, 16, 20),    # padded K, odd output width
     (800, "int4", False, torch.bfloat16, 256, 128, 0, 17),    # no branch
-    (800, "int4", False, torch.bfloat16, 3072, 128, 32, 17),  # FLUX's K: 12 chunks, 48 pipelined steps
+    (800, "int4", False, torch.bfloat16, 3072, 128, 32, 17),  # FLUX's K: 6 K ranges of 2 chunks, summed
+    (800, "int4", True, torch.bfloat16, 1024, 128, 80, 5),    # 2 K ranges x 2 rank passes
+    (900, "int4", False, torch.bfloat16, 1280, 128, 32, 33),  # 2 K ranges of 3 and 2 chunks
+    (750, "int4", False, torch.float16, 1024, 128, 32, 3),    # split K with synchronous copies
+    (1200, "nvfp4", False, torch.bfloat16, 1536, 128, 32, 9),  # 3 K ranges
     (800, "int4", False, torch.bfloat16, 256, 128, 256, 3),   # rank 256 (Z-Image-Turbo r256): 4 CTAs along z
     (1200, "nvfp4", False, torch.bfloat16, 256, 128, 128, 5),  # rank 128 (the published r128 files)
     (900, "int4", False, torch.bfloat16, 256, 256, 32, 33),
@@ -222,7 +228,9 @@ def test_w4a4_kernels_match_the_reference(emulators, arch, precision, unsigned, 
 
 
 @pytest.mark.parametrize("arch,dtype,m,k,n", [(800, torch.bfloat16, 1, 384, 256), (800, torch.bfloat16, 3, 256, 130),
-                                              (750, torch.float16, 2, 200, 128), (900, torch.float16, 7, 256, 128)])
+                                              (750, torch.float16, 2, 200, 128), (900, torch.float16, 7, 256, 128),
+                                              (900, torch.bfloat16, 2, 3072, 128),  # FLUX's K: 1.5 slabs of x
+                                              (800, torch.float16, 1, 4160, 128)])  # 3 slabs, the last 1 step
 def test_w4a16_kernel_matches_the_reference(emulators, arch, dtype, m, k, n):
     g = torch.Generator().manual_seed(k + n)
     layer = quantize_w4a16("mod", torch.randn(n, k, generator=g) * 0.02, torch.randn(n, generator=g), dtype)
@@ -245,6 +253,77 @@ def test_w4a4_kernels_read_a_column_view_in_place(emulators, arch, precision):
     assert relative_error(y, layer.reference_forward(x.contiguous())) < 1e-3
 
 
+DIVISOR_CHECK = r"""
+#include "common.cuh"
+#include <cstdio>
+
+// Divisor (one reciprocal per divisor, a multiply and two FMAs per quotient) against IEEE division, over
+// every finite 16-bit x and every positive normal 16-bit divisor in range, with and without the GELU shift.
+static float xs[0x10000];
+
+static long check(bool bf16, bool shift) {
+    long wrong = 0;
+    for (u32 hx = 0; hx < 0x10000; hx++) {
+        xs[hx] = bf16 ? __uint_as_float(hx << 16) : ptx_f16_to_f32((u16)hx);
+        if (shift) xs[hx] = xs[hx] + 0.171875f;
+    }
+    for (u32 hb = 1; hb < 0x7F80; hb++) {
+        const float b = bf16 ? __uint_as_float(hb << 16) : ptx_f16_to_f32((u16)hb);
+        if (!(b >= 0x1p-125f && b <= 0x1p125f) || (!bf16 && hb >= 0x7C00)) continue;
+        const Divisor d = Divisor::of(b);
+        for (u32 hx = 0; hx < 0x10000; hx++) {
+            const float x = xs[hx], want = x / b, got = d(x);
+            if (!std::isfinite(x) || std::fabs(want) > 0x1p126f) continue;
+            if ((x != 0 && std::fabs(x) < 0x1p-100f) || (want != 0 && std::fabs(want) < 0x1p-100f)) continue;
+            if (float_bits(got) != float_bits(want) && !(got == 0 && want == 0)) {
+                if (wrong++ < 3) std::printf("%a / %a: %a, IEEE %a\n", x, b, got, want);
+            }
+        }
+    }
+    return wrong;
+}
+
+// The constant divisors of the scales (absmax / 7, max / 15, absmax / 6) over every fp32 significand: the
+// quotient's bits do not depend on the exponent inside the range.
+static long check_constant(float b) {
+    long wrong = 0;
+    const Divisor d = Divisor::of(b);
+    for (u32 bits = 0x3F800000; bits < 0x40000000; bits++) {
+        const float x = __uint_as_float(bits);
+        if (float_bits(d(x)) != float_bits(x / b) && wrong++ < 3) std::printf("%a / %a: %a\n", x, b, d(x));
+    }
+    return wrong;
+}
+
+int main() {
+    long wrong = check_constant(7.0f) + check_constant(15.0f) + check_constant(6.0f);
+    for (int bf16 = 0; bf16 < 2; bf16++)
+        for (int shift = 0; shift < 2; shift++) wrong += check(bf16, shift);
+    std::printf("%ld wrong\n", wrong);
+    return wrong != 0;
+}
+"""
+
+
+def test_one_reciprocal_per_divisor_gives_the_ieee_quotients(tmp_path):
+    """Kernel 1 divides by a smoothing factor or a scale with common.cuh's Divisor (a reciprocal computed once,
+    then x·y and one exact-residual correction per element) where the reference divides: every quotient
+    of a 16-bit input by a 16-bit divisor, and of every fp32 by the scales' constant divisors, must be the
+    IEEE one, bit for bit (+0 for -0 aside)."""
+    if CXX is None:
+        pytest.skip("needs g++ (C++17)")
+    shutil.copy(KERNELS / "common.cuh", tmp_path / "common.cuh")
+    (tmp_path / "ptx.cuh").write_text(f'#include "{KERNELS / "host_ptx.h"}"\n')
+    (tmp_path / "check.cpp").write_text(DIVISOR_CHECK)
+    exe = tmp_path / "check"
+    # -march=native: the CPU's own FMA instruction where it has one (libm's software fmaf is 10x slower)
+    built = subprocess.run([CXX, "-std=c++17", "-O2", "-march=native", "-ffp-contract=off",
+                            str(tmp_path / "check.cpp"), "-o", str(exe)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-4000:]
+    done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
 WGMMA_CASES = [  # (precision dtype, unsigned, k, n, rank, m): FLUX-like slices with small M, then the edges
     (torch.bfloat16, False, 3072, 256, 32, 256),  # FLUX's K and rank: 48 steps, 2 x 2 CTAs
     (torch.float16, True, 3072, 128, 32, 128),    # unsigned activations (after a GELU): the u8 x s8 wgmma
@@ -264,7 +343,7 @@ def test_wgmma_kernel_matches_the_reference_and_the_mma_kernel(emulators, dtype,
     for wgmma in (True, True, False):
         out = torch.full((m, n), float("nan"), dtype=dtype)
         y, launches = backend.plan_w4a4(layer, x, out, wgmma=wgmma)
-        assert launches[1][0].startswith("svdq_gemm_wgmma_") == wgmma
+        assert launches[-1][0].startswith("svdq_gemm_wgmma_") == wgmma  # after kernel 1 (and its branch sum)
         execute(emulators(900), launches)
         outputs.append(y)
     assert not torch.isnan(outputs[0]).any()

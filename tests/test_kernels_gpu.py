@@ -145,10 +145,11 @@ def test_native_int4_mma_path_gives_the_same_bits(k, n, mode):
     exactly the bits of the s8 path: its fragment layout checked on hardware, not only in the emulator."""
     layer = _layer(k, n, 32, mode, torch.bfloat16)
     x = _input(333, k, mode, torch.bfloat16, seed=5)
-    y, ((quantize, *launch1), (gemm, *launch2)) = backend.plan_w4a4(layer, x)
+    y, (*kernel1, (gemm, *launch2)) = backend.plan_w4a4(layer, x)  # kernel 1 (and its split-K branch sum)
     device = runtime.probe(DEVICE.index)
     y.fill_(float("nan"))
-    device.launch("int4", quantize, *launch1)
+    for name, *launch1 in kernel1:
+        device.launch("int4", name, *launch1)
     device.launch_function(_native_s4_gemm().get_function(gemm), *launch2)
     assert torch.equal(y, _run("w4a4", layer, x))
 
@@ -250,10 +251,11 @@ def test_wgmma_kernel_at_flux_shapes(wgmma_dispatch, k, n, m, mode):
     layer = _layer(k, n, 32, mode, torch.bfloat16)
     x = _input(m, k, mode, torch.bfloat16, seed=m + k)
     dispatched = _check("w4a4", layer, x)  # through backend.w4a4, whose plan now runs the wgmma kernel
-    y, ((quantize, *launch1), (gemm, *launch2)) = backend.plan_w4a4(layer, x, wgmma=True)
+    y, (*kernel1, (gemm, *launch2)) = backend.plan_w4a4(layer, x, wgmma=True)  # kernel 1 (and its branch sum)
     device = runtime.probe(DEVICE.index)
     y.fill_(float("nan"))
-    device.launch("int4", quantize, *launch1)
+    for name, *launch1 in kernel1:
+        device.launch("int4", name, *launch1)
     device.launch_function(backend.kernel_function(device, "int4", gemm), *launch2)
     assert torch.equal(y, dispatched)
     backend.use_wgmma(False)
