@@ -18,6 +18,8 @@ What ComfyUI's own loaders need, and the one thing they are taught here:
 - SVDQuant FLUX files are made by the pack's real quantizer from the 16-bit FLUX. The SDXL file stands in for
   nunchaku's published ``svdq-int4_r32-sdxl.safetensors`` and is written in nunchaku's layout by the test
   fixture that packs like nunchaku (``nunchaku_fixture.sdxl_checkpoint``): quantizing SDXL takes minutes here.
+- Qwen-Image's files (its Qwen2.5-VL text encoder, Wan VAE, SVDQuant files and the Edit workflow's picture)
+  and the sizes ComfyUI is taught for them: see tiny_qwen_pipeline.py.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import tiny_qwen_pipeline
 import torch
 
 from tiny_models import TINY_FLUX, TINY_SDXL, flux_inputs
@@ -103,9 +106,11 @@ def install_size_inference() -> Callable[[], None]:
         return config
 
     long_clipl.model_options_long_clip, comfy.model_detection.detect_unet_config = model_options, detect
+    undo_qwen = tiny_qwen_pipeline.install_sizing()  # Qwen-Image's text encoder and VAE
 
     def undo() -> None:
         long_clipl.model_options_long_clip, comfy.model_detection.detect_unet_config = original_options, original_detect
+        undo_qwen()
 
     return undo
 
@@ -300,9 +305,21 @@ STAND_INS: dict[str, Callable[[Path], None]] = {
         lambda m: _flux_files(m, 1, False, "flux1-schnell.safetensors", "svdq-int4_r32-flux.1-schnell.safetensors"),
     "diffusion_models/svdq-int4_r32-sdxl.safetensors":
         lambda m: write_svdquant_sdxl(m / "diffusion_models" / "svdq-int4_r32-sdxl.safetensors"),
+    "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors":
+        lambda m: tiny_qwen_pipeline.write_qwen_vl(m / "text_encoders" / "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
+    "vae/qwen_image_vae.safetensors":
+        lambda m: tiny_qwen_pipeline.write_wan_vae(m / "vae" / "qwen_image_vae.safetensors"),
+    "diffusion_models/svdq-int4_r128-qwen-image.safetensors":
+        lambda m: tiny_qwen_pipeline.write_svdquant_qwen(
+            m / "diffusion_models" / "svdq-int4_r128-qwen-image.safetensors", 3),
+    "diffusion_models/svdq-int4_r128-qwen-image-edit.safetensors":
+        lambda m: tiny_qwen_pipeline.write_svdquant_qwen(
+            m / "diffusion_models" / "svdq-int4_r128-qwen-image-edit.safetensors", 4),
 }
 # Every picture the example workflows load (LoadImage), written into ComfyUI's input folder beside ``models``.
-INPUTS: dict[str, Callable[[Path], None]] = {}
+INPUTS: dict[str, Callable[[Path], None]] = {
+    tiny_qwen_pipeline.EDIT_INPUT: tiny_qwen_pipeline.write_edit_input,
+}
 
 
 _built: Path | None = None  # the stand-ins this process has made, copied into every folder that asks
