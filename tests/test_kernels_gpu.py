@@ -1,9 +1,10 @@
 """The fused kernels against the reference layers, on an NVIDIA GPU (skipped, saying why, elsewhere).
 
-Every FLUX.1 and SDXL linear shape, M not a multiple of the 128-row tile, bf16 and fp16, INT4 signed
-and unsigned (and NVFP4 on sm_120/121): relative error ≤ 1e-2 against ``reference_forward``, never
-NaN, outputs poisoned with NaN first, and bitwise identical across runs. Kernel 1's codes and scales
-are compared bit for bit with the core's quantizer.
+Every FLUX.1 and SDXL linear shape (Qwen-Image's are FLUX.1's: width 3072, MLP 12288, fused qkv 9216,
+6-chunk modulation 18432), ranks up to Qwen-Image's 128 and beyond, M not a multiple of the 128-row tile,
+bf16 and fp16, INT4 signed and unsigned (and NVFP4 on sm_120/121): relative error ≤ 1e-2 against
+``reference_forward``, never NaN, outputs poisoned with NaN first, and bitwise identical across runs.
+Kernel 1's codes and scales are compared bit for bit with the core's quantizer.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def test_w4a4_matches_reference(k, n, mode, dtype):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("rank", [0, 16, 48, 80, 160])  # a checkpoint's 32 grown by LoRAs, and none
+@pytest.mark.parametrize("rank", [0, 16, 48, 80, 128, 160])  # 32 or 128 (Qwen-Image) grown by LoRAs, and none
 @pytest.mark.parametrize("m", [1, 16, 333])
 def test_w4a4_any_rank_and_row_count(m, rank, mode):
     _skip_unsupported(mode, torch.bfloat16)
