@@ -1,6 +1,6 @@
 """Quantize in graph: what smoothing, the low-rank branch and GPTQ each do to the quantized model.
 
-Small FLUX and SDXL models of ComfyUI's own classes (with the outlier channels of trained models, see
+Small FLUX, SDXL and Qwen-Image models of ComfyUI's own classes (with the outlier channels of trained models, see
 quantize_common) are quantized by the Quantize node's engine (calibration = ComfyUI's sampler on 4
 prompts), one variant at a time, and measured on 2 prompts that calibration never saw:
 - model output error: ‖ε̂ − ε‖ / ‖ε‖ of the diffusion model's prediction over every step of the held-out
@@ -9,6 +9,7 @@ prompts), one variant at a time, and measured on 2 prompts that calibration neve
 
     python benchmarks/quantize_quality.py                   # FLUX and SDXL, int4 and nvfp4
     python benchmarks/quantize_quality.py --family flux --precision int4
+    python benchmarks/quantize_quality.py --family qwen_image
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import time
 
 import torch
-from quantize_common import flux, header, prompt, psnr, sample, sdxl, setup
+from quantize_common import flux, header, prompt, psnr, qwen_image, sample, sdxl, setup
 
 VARIANTS = {  # name → (rank, smoothing, GPTQ)
     "RTN W4A4 (no branch, no smoothing)": (0, False, False),
@@ -27,7 +28,11 @@ VARIANTS = {  # name → (rank, smoothing, GPTQ)
     "SVDQuant + GPTQ": (32, True, True),
 }
 SIZE, STEPS = 128, 4
-SETTINGS = {"flux": dict(cfg=1.0, scheduler="simple"), "sdxl": dict(cfg=5.0, scheduler="normal")}
+SETTINGS = {"flux": dict(cfg=1.0, scheduler="simple"), "sdxl": dict(cfg=5.0, scheduler="normal"),
+            "qwen_image": dict(cfg=1.0, scheduler="simple")}
+MODELS = {"flux": (flux, "FLUX (hidden 256, 2 double + 4 single blocks)"),
+          "sdxl": (sdxl, "SDXL (64 channels, 7 transformer blocks)"),
+          "qwen_image": (qwen_image, "Qwen-Image (hidden 256, 3 blocks)")}
 
 
 def prediction_error(quantized, reference_calls) -> float:
@@ -59,13 +64,12 @@ def run(family: str, precisions: list[str]) -> str:
     from comfyui_svdquant.loaders.quantize import Conversion, quantize_model
     from comfyui_svdquant.svdquant.quantizer import QuantizeConfig
 
-    model = flux() if family == "flux" else sdxl()
+    make, what = MODELS[family]
+    model = make()
     held_out = [900, 901]
     dense_samples, dense_calls = reference(model, family, held_out)
     calibration = [prompt(s, family) for s in range(4)]
     settings = SamplingSettings(STEPS, SIZE, SIZE, 0, guidance=3.5, **SETTINGS[family])
-    what = "FLUX (hidden 256, 2 double + 4 single blocks)" if family == "flux" else \
-        "SDXL (64 channels, 7 transformer blocks)"
     lines = [f"**{what}**, calibration 4 prompts × {STEPS} steps at {SIZE}², held-out 2 prompts", "",
              "| precision | variant | model output error | × RTN | sampled latent PSNR (dB) | s |",
              "|---|---|---|---|---|---|"]
@@ -89,7 +93,7 @@ def run(family: str, precisions: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["flux", "sdxl", "both"], default="both")
+    parser.add_argument("--family", choices=[*MODELS, "both"], default="both", help="both: FLUX and SDXL")
     parser.add_argument("--precision", choices=["int4", "nvfp4"], nargs="+", default=["int4", "nvfp4"])
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()
