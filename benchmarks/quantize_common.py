@@ -1,5 +1,5 @@
 """What the quantize-in-graph benchmarks share: ComfyUI in this process, small FLUX / SDXL models of ComfyUI's
-own classes (and Z-Image) with the activation outliers of trained models, prompts, sampling and the table
+own classes (and Qwen-Image, Z-Image) with the activation outliers of trained models, prompts, sampling and the table
 header.
 
 Needs ComfyUI: set COMFYUI_PATH to its folder. Runs on the GPU when there is one (else the CPU).
@@ -100,6 +100,22 @@ def sdxl(channels: int = 64, seed: int = 0, outliers: float = 8.0):
             if ".transformer_blocks." in name and isinstance(module, torch.nn.LayerNorm):
                 picked = torch.randperm(module.weight.shape[0], generator=g)[:4]
                 module.weight[picked] *= outliers
+    return patcher_of(model)
+
+
+def qwen_image(hidden: int = 256, layers: int = 3, seed: int = 0, outliers: float = 8.0):
+    """A Qwen-Image MODEL of ComfyUI's class (heads of Qwen-Image's size 128, a 64-wide text context).
+    ``outliers``: a few channels of every modulation's two scale chunks get this bias, as for FLUX."""
+    from tiny_qwen import tiny_qwen
+
+    model = tiny_qwen(seed, num_layers=layers, attention_head_dim=128, num_attention_heads=hidden // 128,
+                      axes_dims_rope=[16, 56, 56])
+    channels = torch.randperm(hidden, generator=torch.Generator().manual_seed(seed + 100))[:4]
+    with torch.no_grad():
+        for name, module in model.diffusion_model.named_modules():
+            if name.endswith(("img_mod.1", "txt_mod.1")):
+                for chunk in (1, 4):  # the "scale" chunks
+                    module.bias[chunk * hidden + channels] += outliers
     return patcher_of(model)
 
 

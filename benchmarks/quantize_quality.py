@@ -1,7 +1,7 @@
 """Quantize in graph: what smoothing, the low-rank branch and GPTQ each do to the quantized model.
 
-Small FLUX, SDXL and Z-Image models of ComfyUI's own classes (with the outlier channels of trained models, see
-quantize_common) are quantized by the Quantize node's engine (calibration = ComfyUI's sampler on 4
+Small FLUX, SDXL, Qwen-Image and Z-Image models of ComfyUI's own classes (with the outlier channels of trained
+models, see quantize_common) are quantized by the Quantize node's engine (calibration = ComfyUI's sampler on 4
 prompts), one variant at a time, and measured on 2 prompts that calibration never saw:
 - model output error: ‖ε̂ − ε‖ / ‖ε‖ of the diffusion model's prediction over every step of the held-out
   sampling runs (the 16-bit model's trajectory), averaged;
@@ -10,6 +10,7 @@ prompts), one variant at a time, and measured on 2 prompts that calibration neve
     python benchmarks/quantize_quality.py                   # FLUX and SDXL, int4 and nvfp4
     python benchmarks/quantize_quality.py --family flux --precision int4
     python benchmarks/quantize_quality.py --family zimage       # needs ComfyUI 0.8+
+    python benchmarks/quantize_quality.py --family qwen_image
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import time
 
 import torch
-from quantize_common import flux, header, prompt, psnr, sample, sdxl, setup, zimage
+from quantize_common import flux, header, prompt, psnr, qwen_image, sample, sdxl, setup, zimage
 
 VARIANTS = {  # name → (rank, smoothing, GPTQ)
     "RTN W4A4 (no branch, no smoothing)": (0, False, False),
@@ -29,9 +30,10 @@ VARIANTS = {  # name → (rank, smoothing, GPTQ)
 }
 SIZE, STEPS = 128, 4
 SETTINGS = {"flux": dict(cfg=1.0, scheduler="simple"), "sdxl": dict(cfg=5.0, scheduler="normal"),
-            "zimage": dict(cfg=1.0, scheduler="simple")}
+            "qwen_image": dict(cfg=1.0, scheduler="simple"), "zimage": dict(cfg=1.0, scheduler="simple")}
 MODELS = {"flux": (flux, "FLUX (hidden 256, 2 double + 4 single blocks)"),
           "sdxl": (sdxl, "SDXL (64 channels, 7 transformer blocks)"),
+          "qwen_image": (qwen_image, "Qwen-Image (hidden 256, 3 blocks)"),
           "zimage": (zimage, "Z-Image (dim 256, 2 context + 2 noise refiners, 2 blocks)")}
 
 

@@ -13,7 +13,7 @@ from ..svdquant.errors import SVDQuantError
 from ..svdquant.quantizer.model import BlockPlan, Group, Target
 from . import detection, parts
 from .architecture import Architecture, Block, QuantizedLayer, all_layers
-from .load import architecture_of, build_config
+from .load import ARCHITECTURES, architecture_of, build_config
 from .parts import InterleavedOutput
 
 
@@ -105,7 +105,8 @@ def assemble(source_model, modules: dict[str, nn.Module], dtype: torch.dtype | N
     ``tensor_of(key)`` gives a 16-bit tensor's value (default: the source's parameter)."""
     found = architecture_of(source_model.diffusion_model)
     if found is None:
-        raise SVDQuantError(f"{type(source_model.diffusion_model).__name__} is not FLUX or SDXL")
+        raise SVDQuantError(f"{type(source_model.diffusion_model).__name__} is not a model this pack can quantize "
+                            f"({_families()})")
     architecture, unet_config = found
     dtype = dtype or next(iter(modules.values())).wscales.dtype
     if dtype not in (torch.bfloat16, torch.float16):
@@ -140,7 +141,10 @@ def assemble(source_model, modules: dict[str, nn.Module], dtype: torch.dtype | N
 def blocks_of(diffusion_model: nn.Module) -> tuple[Architecture, dict, list[Block]]:
     found = architecture_of(diffusion_model)
     if found is None:
-        raise SVDQuantError(f"{type(diffusion_model).__name__} is not a model this pack can quantize "
-                            "(FLUX.1 or SDXL)")
+        raise SVDQuantError(f"{type(diffusion_model).__name__} is not a model this pack can quantize ({_families()})")
     architecture, unet_config = found
     return architecture, unet_config, architecture.blocks(unet_config)
+
+
+def _families() -> str:
+    return ", ".join(dict.fromkeys(a.name for a in ARCHITECTURES))

@@ -36,8 +36,6 @@ MODEL_CLASS = "NunchakuQwenImageTransformer2DModel"
 PATCH = 2
 MLP_RATIO = 4  # ComfyUI's FeedForward: dim → 4·dim → dim
 QWEN_AXES = [16, 56, 56]  # Qwen-Image's rotary axes (head size 128)
-_CONFIG_FIELDS = ("in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads",
-                  "joint_attention_dim", "axes_dims_rope", "patch_size")
 
 
 class QwenImageArchitecture:

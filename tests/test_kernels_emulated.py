@@ -195,6 +195,7 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 CASES = [  # (arch, precision, unsigned, dtype, k, n, rank, m)
     (800, "int4", False, torch.bfloat16, 384, 256, 32, 33),   # a 128-column tail chunk in kernel 1
     (800, "int4", True, torch.bfloat16, 256, 128, 80, 1),     # rank 80: two rank passes; one row
+    (800, "int4", True, torch.bfloat16, 256, 128, 128, 2),    # Qwen-Image's rank 128, two rows
     (800, "int4", False, torch.float16, 200, 129, 16, 20),    # padded K, odd output width
     (800, "int4", False, torch.bfloat16, 256, 128, 0, 17),    # no branch
     (800, "int4", False, torch.bfloat16, 3072, 128, 32, 17),  # FLUX's K: 6 K ranges of 2 chunks, summed

@@ -1,9 +1,10 @@
 """The fused kernels against the reference layers, on an NVIDIA GPU (skipped, saying why, elsewhere).
 
-Every FLUX.1, SDXL and Z-Image-Turbo linear shape (Z-Image's also at the published ranks 128 and 256), M
-not a multiple of the 256-row tile, bf16 and fp16, INT4 signed and unsigned (and NVFP4 on sm_120/121):
-relative error ≤ 1e-2 against ``reference_forward``, never NaN, outputs poisoned with NaN first, and bitwise
-identical across runs. Kernel 1's codes and scales are compared bit for bit with the core's quantizer.
+Every FLUX.1, SDXL and Z-Image-Turbo linear shape (Qwen-Image's are FLUX.1's: width 3072, MLP 12288, fused
+qkv 9216, 6-chunk modulation 18432; Z-Image's and Qwen-Image's also at the published ranks 128 and 256), ranks
+grown by LoRAs, M not a multiple of the 256-row tile, bf16 and fp16, INT4 signed and unsigned (and NVFP4 on
+sm_120/121): relative error ≤ 1e-2 against ``reference_forward``, never NaN, outputs poisoned with NaN first, and
+bitwise identical across runs. Kernel 1's codes and scales are compared bit for bit with the core's quantizer.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def test_w4a4_published_ranks(k, n, rank, mode, m):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("rank", [0, 16, 48, 80, 160])  # a checkpoint's 32 grown by LoRAs, and none
+@pytest.mark.parametrize("rank", [0, 16, 48, 80, 128, 160])  # 32 or 128 (Qwen-Image) grown by LoRAs, and none
 @pytest.mark.parametrize("m", [1, 16, 333])
 def test_w4a4_any_rank_and_row_count(m, rank, mode):
     _skip_unsupported(mode, torch.bfloat16)

@@ -417,9 +417,9 @@ def published(dense, tmp_path_factory):
 
 
 @pytest.mark.parametrize("problem, change, message", [
-    ("unknown model_class", {"metadata": {"model_class": "NunchakuQwenImageTransformer2DModel", "comfy_config": "{}"},
+    ("unknown model_class", {"metadata": {"model_class": "NunchakuSanaTransformer2DModel", "comfy_config": "{}"},
                              "drop": ("x_embedder.weight",)},
-     "model_class 'NunchakuQwenImageTransformer2DModel' is not a model this pack loads"),
+     "model_class 'NunchakuSanaTransformer2DModel' is not a model this pack loads"),
     ("missing tensor", {"drop": ("single_transformer_blocks.1.mlp_fc2.wscales",)},
      "'single_transformer_blocks.1.mlp_fc2.wscales' is missing"),
     ("missing 16-bit tensor", {"drop": ("norm_out.linear.weight",)}, "'norm_out.linear.weight'"),

@@ -22,6 +22,8 @@ What ComfyUI's own loaders need, and the one thing they are taught here:
   The Z-Image-Turbo file is the authors' layout too (``zimage_fixture``); it and its Qwen3 text encoder are
   written only where ComfyUI has Z-Image, and ComfyUI tells Qwen3-4B by its width, which
   :func:`install_size_inference` extends to the small one.
+- Qwen-Image's files (its Qwen2.5-VL text encoder, Wan VAE, SVDQuant files and the Edit workflow's picture)
+  and the sizes ComfyUI is taught for them: see tiny_qwen_pipeline.py.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import tiny_qwen_pipeline
 import torch
 
 from tiny_models import TINY_FLUX, TINY_SDXL, flux_inputs
@@ -126,10 +129,12 @@ def install_size_inference() -> Callable[[], None]:
 
     long_clipl.model_options_long_clip, comfy.model_detection.detect_unet_config = model_options, detect
     comfy.sd.detect_te_model = detect_te
+    undo_qwen = tiny_qwen_pipeline.install_sizing()  # Qwen-Image's text encoder and VAE
 
     def undo() -> None:
         long_clipl.model_options_long_clip, comfy.model_detection.detect_unet_config = original_options, original_detect
         comfy.sd.detect_te_model = original_te
+        undo_qwen()
 
     return undo
 
@@ -328,9 +333,21 @@ STAND_INS: dict[str, Callable[[Path], None]] = {
         lambda m: write_qwen3(m / "text_encoders" / "qwen_3_4b.safetensors", _save, _init_encoder),
     "diffusion_models/svdq-int4_r128-z-image-turbo.safetensors":
         lambda m: write_svdquant_zimage(m / "diffusion_models" / "svdq-int4_r128-z-image-turbo.safetensors"),
+    "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors":
+        lambda m: tiny_qwen_pipeline.write_qwen_vl(m / "text_encoders" / "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
+    "vae/qwen_image_vae.safetensors":
+        lambda m: tiny_qwen_pipeline.write_wan_vae(m / "vae" / "qwen_image_vae.safetensors"),
+    "diffusion_models/svdq-int4_r128-qwen-image.safetensors":
+        lambda m: tiny_qwen_pipeline.write_svdquant_qwen(
+            m / "diffusion_models" / "svdq-int4_r128-qwen-image.safetensors", 3),
+    "diffusion_models/svdq-int4_r128-qwen-image-edit.safetensors":
+        lambda m: tiny_qwen_pipeline.write_svdquant_qwen(
+            m / "diffusion_models" / "svdq-int4_r128-qwen-image-edit.safetensors", 4),
 }
 # Every picture the example workflows load (LoadImage), written into ComfyUI's input folder beside ``models``.
-INPUTS: dict[str, Callable[[Path], None]] = {}
+INPUTS: dict[str, Callable[[Path], None]] = {
+    tiny_qwen_pipeline.EDIT_INPUT: tiny_qwen_pipeline.write_edit_input,
+}
 
 
 _built: Path | None = None  # the stand-ins this process has made, copied into every folder that asks
