@@ -1,5 +1,5 @@
-"""A dense FLUX.1 / SDXL MODEL → an SVDQuant MODEL, inside ComfyUI (the engine of the Quantize node and
-of ``scripts/quantize_cli.py``).
+"""A dense FLUX.1 / SDXL / Qwen-Image / Z-Image MODEL → an SVDQuant MODEL, inside ComfyUI (the engine of the
+Quantize node and of ``scripts/quantize_cli.py``).
 
 1. Calibration: the user's prompts are sampled with the MODEL's own sampler, and every call the sampler
    makes to the diffusion model is recorded (:mod:`.calibration`).
@@ -163,7 +163,7 @@ def storage_dtype(base_model) -> torch.dtype:
 
 def quantize_model(patcher, prompts: list[Conditioning], negative: Conditioning | None, conversion: Conversion,
                    progress: Callable[[int, int], None] | None = None) -> SVDQuantModelPatcher:
-    """The SVDQuant version of ``patcher`` (a dense FLUX.1 / SDXL MODEL), calibrated on ``prompts``
+    """The SVDQuant version of ``patcher`` (a dense MODEL of a family the pack knows), calibrated on ``prompts``
     (CONDITIONINGs, one per prompt). ``patcher`` and its model are not modified. ``progress(done,
     total)`` is called after every sampling step and every quantized layer; ComfyUI's interrupt flag
     is checked as often, and raises ``InterruptProcessingException``."""

@@ -57,7 +57,7 @@ def _python_leaf(key: str) -> str:
 
 def save_checkpoint(diffusion_model: nn.Module, path: str | os.PathLike,
                     extra_metadata: dict[str, str] | None = None) -> None:
-    """Write ``diffusion_model`` (ComfyUI's FLUX/SDXL class with SVDQuant layers) to ``path`` atomically."""
+    """Write ``diffusion_model`` (ComfyUI's own model class with SVDQuant layers) to ``path`` atomically."""
     tensors, metadata = checkpoint_tensors(diffusion_model)
     metadata.update(extra_metadata or {})
     write_checkpoint(path, tensors, metadata)

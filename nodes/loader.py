@@ -1,4 +1,4 @@
-"""Load SVDQuant Model: an SVDQuant FLUX.1 / SDXL checkpoint as a ComfyUI MODEL."""
+"""Load SVDQuant Model: an SVDQuant FLUX.1 / SDXL / Qwen-Image / Z-Image checkpoint as a ComfyUI MODEL."""
 
 from __future__ import annotations
 
@@ -48,9 +48,10 @@ class SVDQuantModelLoader(io.ComfyNode):
             node_id="SVDQuantModelLoader",
             display_name="Load SVDQuant Model",
             category="loaders/SVDQuant",
-            description="Loads a 4-bit SVDQuant FLUX.1 (dev, schnell, Krea, Kontext, Fill, Depth, Canny) or SDXL "
-                        "checkpoint from models/diffusion_models: this pack's files and nunchaku's "
-                        "svdq-int4_r32-* / svdq-fp4_r32-* files. The model is ComfyUI's own FLUX / SDXL model, so "
+            description="Loads a 4-bit SVDQuant FLUX.1 (dev, schnell, Krea, Kontext, Fill, Depth, Canny), SDXL, "
+                        "Qwen-Image (and Edit) or Z-Image-Turbo checkpoint from models/diffusion_models: this pack's "
+                        "files and nunchaku's svdq-int4_r* / svdq-fp4_r* files. The model is ComfyUI's own model "
+                        "class for its family, so "
                         "LoRA loaders, ControlNet, model patches and samplers work as with a 16-bit model.",
             inputs=[
                 io.Combo.Input("model_name", options=checkpoint_names(),

@@ -1,5 +1,5 @@
-"""SVDQuant Quantize Model and Save SVDQuant Model: convert a FLUX.1 / SDXL MODEL loaded by ComfyUI's own
-loaders to 4 bits inside a workflow, and write it to diffusion_models for the loader node."""
+"""SVDQuant Quantize Model and Save SVDQuant Model: convert a FLUX.1 / SDXL / Qwen-Image / Z-Image MODEL loaded by
+ComfyUI's own loaders to 4 bits inside a workflow, and write it to diffusion_models for the loader node."""
 
 from __future__ import annotations
 
@@ -38,12 +38,14 @@ class SVDQuantQuantizeModel(io.ComfyNode):
             node_id="SVDQuantQuantizeModel",
             display_name="SVDQuant Quantize Model",
             category="advanced/SVDQuant",
-            description="Quantizes a FLUX.1 or SDXL model to SVDQuant 4-bit (W4A4 with a 16-bit low-rank branch). "
+            description="Quantizes a FLUX.1, SDXL, Qwen-Image or Z-Image model to SVDQuant 4-bit (W4A4 with a 16-bit "
+                        "low-rank branch). "
                         "It samples the calibration prompts with the model's own sampler, records what every "
                         "layer sees, and quantizes one block at a time on the model's device. LoRAs and other "
                         "weight patches already applied to the MODEL are baked in. The input MODEL is not changed.",
             inputs=[
-                io.Model.Input("model", tooltip="A 16-bit or fp8 FLUX.1 / SDXL model from ComfyUI's loaders."),
+                io.Model.Input("model", tooltip="A 16-bit or fp8 FLUX.1 / SDXL / Qwen-Image / Z-Image model from "
+                                                "ComfyUI's loaders."),
                 *prompts,
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative prompt for the calibration sampling when cfg > 1 (SDXL). "
