@@ -80,18 +80,27 @@ def dequantize(model):
 def patchers(request, models):
     """(SVDQuant ModelPatcher, dense ModelPatcher) of the FLUX model (or of the family given by
     indirect parametrization); everything they patched is undone afterwards."""
+    with cpu_patchers(*models(getattr(request, "param", "flux"))) as pair:
+        yield pair
+
+
+@contextlib.contextmanager
+def cpu_patchers(quantized, *dense):
+    """An SVDQuantModelPatcher of ``quantized`` and ComfyUI's ModelPatcher of each of ``dense``, on the CPU;
+    everything they patched is undone afterwards."""
     import comfy.model_management
     import comfy.model_patcher
 
     from comfyui_svdquant.loaders.patcher import SVDQuantModelPatcher
 
-    quantized, dequantized = models(getattr(request, "param", "flux"))
     cpu = torch.device("cpu")
-    pair = SVDQuantModelPatcher(quantized, cpu, cpu), comfy.model_patcher.ModelPatcher(dequantized, cpu, cpu)
-    yield pair
-    comfy.model_management.unload_all_models()
-    for patcher in pair:
-        patcher.unpatch_model()
+    made = (SVDQuantModelPatcher(quantized, cpu, cpu), *(comfy.model_patcher.ModelPatcher(m, cpu, cpu) for m in dense))
+    try:
+        yield made
+    finally:
+        comfy.model_management.unload_all_models()
+        for patcher in made:
+            patcher.unpatch_model()
 
 
 # --- LoRA files -----------------------------------------------------------------------------------
@@ -240,6 +249,32 @@ def assert_16bit_layers_dense_patched(q_lora, d_lora) -> int:
 
 def patch_count(patcher) -> int:
     return sum(len(v) for v in patcher.patches.values())
+
+
+def lora_against_16bit(patchers, name: str, strength: float, entries: int, run_model, caplog) -> dict[str, float]:
+    """LoRA ``name`` through ComfyUI's LoraLoaderModelOnly on (4-bit, its dequantized fp32 twin, the 16-bit
+    model it was made from): checks that each of the LoRA's ``entries`` found its layer, that every quantized
+    layer's change is ComfyUI's dense patch to bf16 rounding and every 16-bit layer's is ComfyUI's own, and that
+    the unpatched model is untouched; returns the whole-model relative errors the tests bound (the tolerances
+    are each model's own): ``quantization`` (4-bit vs 16-bit), ``lora`` (16-bit with vs without the LoRA),
+    ``with_lora`` (4-bit vs 16-bit, both with it), ``dequantized`` / ``dequantized_base`` (4-bit vs its
+    dequantized twin, with and without it). ``run_model(patcher, fp32)``: the model's output on fixed inputs."""
+    q, d, sixteen = patchers
+    q_base, d_base, s_base = run_model(q, False), run_model(d, True), run_model(sixteen, False)
+    with caplog.at_level(logging.WARNING):
+        q_lora, d_lora, s_lora = (lora_only(p, name, strength) for p in patchers)
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
+    assert patch_count(q_lora) == patch_count(d_lora) == patch_count(s_lora) == entries
+    with patched(q_lora, d_lora, s_lora):
+        q_out, d_out, s_out = run_model(q_lora, False), run_model(d_lora, True), run_model(s_lora, False)
+        errors = layer_errors(q_lora, d_lora)
+        sixteen_bit = assert_16bit_layers_dense_patched(q_lora, d_lora)
+    assert len(errors) + sixteen_bit == len(q_lora.patches)
+    assert max(errors.values()) < LAYER_TOLERANCE, errors  # exact per layer, to bf16 rounding
+    assert torch.equal(run_model(q, False), q_base)  # unpatched: the base model is untouched
+    return {"quantization": relative_error(q_base, s_base), "lora": relative_error(s_out, s_base),
+            "with_lora": relative_error(q_out, s_out), "dequantized": relative_error(q_out, d_out),
+            "dequantized_base": relative_error(q_base, d_base)}
 
 
 # --- tests ----------------------------------------------------------------------------------------

@@ -10,25 +10,22 @@ with the same LoRA by no more than the 4-bit model differs from the 16-bit model
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from qwen_fixture import qwen_checkpoint
 from test_lora import (
     LAYER_TOLERANCE,
     assert_16bit_layers_dense_patched,
+    cpu_patchers,
     dequantize,
     layer_errors,
+    lora_against_16bit,
     lora_only,
-    patch_count,
     patched,
     stack,
     write_lora,
 )
 from tiny_qwen import TINY_QWEN, qwen_inputs, tiny_qwen
-
-from tiny_models import relative_error
 
 H = TINY_QWEN["attention_head_dim"] * TINY_QWEN["num_attention_heads"]
 M = 4 * H
@@ -95,19 +92,8 @@ def models(comfy, tmp_path_factory):
 @pytest.fixture
 def patchers(models):
     """SVDQuant, dequantized fp32 and 16-bit ModelPatchers; everything they patched is undone afterwards."""
-    import comfy.model_management
-    import comfy.model_patcher
-
-    from comfyui_svdquant.loaders.patcher import SVDQuantModelPatcher
-
-    quantized, dequantized, dense = models
-    cpu = torch.device("cpu")
-    made = (SVDQuantModelPatcher(quantized, cpu, cpu), comfy.model_patcher.ModelPatcher(dequantized, cpu, cpu),
-            comfy.model_patcher.ModelPatcher(dense, cpu, cpu))
-    yield made
-    comfy.model_management.unload_all_models()
-    for patcher in made:
-        patcher.unpatch_model()
+    with cpu_patchers(*models) as made:
+        yield made
 
 
 def run(patcher, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -120,26 +106,13 @@ def run(patcher, seed: int, dtype: torch.dtype) -> torch.Tensor:
 def test_comfy_lora_loader_matches_the_16bit_model_with_the_lora(fmt, patchers, model_folders, caplog):
     style, alpha, layers = FORMATS[fmt]
     name = write_lora(model_folders["loras"], f"{fmt}.safetensors", layers, style, seed=1, alpha=alpha)
-    q, d, b16 = patchers
-    q_base, d_base, b16_base = run(q, 3, torch.bfloat16), run(d, 3, torch.float32), run(b16, 3, torch.bfloat16)
-    with caplog.at_level(logging.WARNING):
-        q_lora, d_lora, b16_lora = (lora_only(p, name, STRENGTH) for p in (q, d, b16))
-    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
-    assert patch_count(q_lora) == patch_count(d_lora) == patch_count(b16_lora) == len(layers)
-    with patched(q_lora, d_lora, b16_lora):
-        q_out, d_out, b16_out = run(q_lora, 3, torch.bfloat16), run(d_lora, 3, torch.float32), \
-            run(b16_lora, 3, torch.bfloat16)
-        errors = layer_errors(q_lora, d_lora)
-        sixteen_bit = assert_16bit_layers_dense_patched(q_lora, d_lora)
-    assert len(errors) + sixteen_bit == len(q_lora.patches)
-    assert max(errors.values()) < LAYER_TOLERANCE, errors  # exact per layer, to bf16 rounding
-    quantization_error = relative_error(q_base, b16_base)  # the 4-bit model against its 16-bit source
-    assert relative_error(b16_out, b16_base) > 4 * quantization_error  # the LoRA changes the model visibly
+    error = lora_against_16bit(patchers, name, STRENGTH, len(layers),
+                               lambda p, fp32: run(p, 3, torch.float32 if fp32 else torch.bfloat16), caplog)
+    assert error["lora"] > 4 * error["quantization"]  # the LoRA changes the model visibly
     # With the LoRA the 4-bit model stays about as far from the 16-bit one as without it (measured 1.0-1.3×: the
     # LoRA's larger activations meet the 4-bit activation rounding); the branch itself adds no error.
-    assert relative_error(q_out, b16_out) < 2 * quantization_error
-    assert relative_error(q_out, d_out) < 2.5 * relative_error(q_base, d_base)
-    assert torch.equal(run(q, 3, torch.bfloat16), q_base)  # unpatched: the base model is untouched
+    assert error["with_lora"] < 2 * error["quantization"]
+    assert error["dequantized"] < 2.5 * error["dequantized_base"]
 
 
 def test_stack_node_agrees_with_comfys_loader_and_refuses_a_flux_lora(patchers, model_folders):

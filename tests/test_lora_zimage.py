@@ -6,24 +6,19 @@ the loader: w1 / w3 are row slices of one fused layer, q / k / v one fused layer
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from test_lora import (
-    LAYER_TOLERANCE,
-    assert_16bit_layers_dense_patched,
+    cpu_patchers,
     dequantize,
-    layer_errors,
+    lora_against_16bit,
     lora_only,
-    patch_count,
     patched,
     run,
     stack,
     write_lora,
 )
 
-from tiny_models import relative_error
 from tiny_zimage import TINY_ZIMAGE, tiny_zimage, zimage_inputs
 from zimage_fixture import zimage_checkpoint
 
@@ -93,19 +88,8 @@ def models(comfy, tmp_path_factory):
 @pytest.fixture
 def patchers(models):
     """(SVDQuant ModelPatcher, dequantized ModelPatcher, 16-bit ModelPatcher); their patches undone afterwards."""
-    import comfy.model_management
-    import comfy.model_patcher
-
-    from comfyui_svdquant.loaders.patcher import SVDQuantModelPatcher
-
-    cpu = torch.device("cpu")
-    quantized, dequantized, dense = models
-    triple = (SVDQuantModelPatcher(quantized, cpu, cpu), comfy.model_patcher.ModelPatcher(dequantized, cpu, cpu),
-              comfy.model_patcher.ModelPatcher(dense, cpu, cpu))
-    yield triple
-    comfy.model_management.unload_all_models()
-    for patcher in triple:
-        patcher.unpatch_model()
+    with cpu_patchers(*models) as made:
+        yield made
 
 
 def inputs(seed: int) -> tuple[dict, dict]:
@@ -117,25 +101,12 @@ def inputs(seed: int) -> tuple[dict, dict]:
 def test_lora_on_the_4bit_model_is_as_close_as_quantization_alone(fmt, patchers, model_folders, caplog):
     style, alpha, layers = FORMATS[fmt]
     name = write_lora(model_folders["loras"], f"{fmt}.safetensors", layers, style, seed=1, alpha=alpha)
-    q, d, sixteen = patchers
     bf16, fp32 = inputs(3)
-    q_base, d_base, s_base = run(q, bf16), run(d, fp32), run(sixteen, bf16)
-    strength = 3.0
-    with caplog.at_level(logging.WARNING):
-        q_lora, d_lora, s_lora = (lora_only(p, name, strength) for p in (q, d, sixteen))
-    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
-    assert patch_count(q_lora) == patch_count(d_lora) == len(layers)  # every LoRA entry found its layer
-    with patched(q_lora, d_lora, s_lora):
-        q_out, d_out, s_out = run(q_lora, bf16), run(d_lora, fp32), run(s_lora, bf16)
-        errors = layer_errors(q_lora, d_lora)
-        dense_patched = assert_16bit_layers_dense_patched(q_lora, d_lora)
-    assert len(errors) + dense_patched == len(q_lora.patches)
-    assert max(errors.values()) < LAYER_TOLERANCE, errors
-    quantization_error = relative_error(q_base, s_base)  # the 4-bit model against its 16-bit source
-    assert relative_error(s_out, s_base) > 2 * quantization_error  # the LoRA changes the image visibly
-    assert relative_error(q_out, s_out) < 1.25 * quantization_error  # and adds no error of its own
-    assert relative_error(q_out, d_out) < 2.5 * relative_error(q_base, d_base)
-    assert torch.equal(run(q, bf16), q_base)  # unpatched: the base model is untouched
+    error = lora_against_16bit(patchers, name, 3.0, len(layers), lambda p, precise: run(p, fp32 if precise else bf16),
+                               caplog)
+    assert error["lora"] > 2 * error["quantization"]  # the LoRA changes the image visibly
+    assert error["with_lora"] < 1.25 * error["quantization"]  # and adds no error of its own
+    assert error["dequantized"] < 2.5 * error["dequantized_base"]
 
 
 def test_stack_node_matches_comfys_loader_and_refuses_a_flux_lora(patchers, model_folders):
