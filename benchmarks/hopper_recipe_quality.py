@@ -151,17 +151,14 @@ def main() -> None:
     cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     print(f"# Hopper recipe quality — {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC — {cpu} — "
           f"torch {torch.__version__}\n")
-    out = []
-    if args.part in ("fixture", "both"):
+    if args.part in ("fixture", "both"):  # each part's tables as soon as it is done
         measured = fixture_part(args.ranks)
-        out.append(summary(f"FLUX.1-shaped layers, nunchaku fixture's conversion, {TEST_ROWS} held-out rows",
-                           measured))
-        out.append(per_module("Per module (relative error)", measured))
+        print(summary(f"FLUX.1-shaped layers, nunchaku fixture's conversion, {TEST_ROWS} held-out rows",
+                      measured) + "\n\n" + per_module("Per module (relative error)", measured) + "\n", flush=True)
     if args.part in ("real", "both"):
         measured = real_part(args.ranks)
-        out.append(summary(f"all-MiniLM-L6-v2, {len({n for _, n, _ in measured})} layers (q/k/v fused), "
-                           "project quantizer (SVDQuant), held-out sentences", measured))
-    print("\n\n".join(out))
+        print(summary(f"all-MiniLM-L6-v2, {len({n for _, n, _ in measured})} layers (q/k/v fused), "
+                      "project quantizer (SVDQuant), held-out sentences", measured), flush=True)
 
 
 if __name__ == "__main__":
