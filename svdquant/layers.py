@@ -110,13 +110,18 @@ class W4A4Reference:
         kp = self.qweight.shape[1] * 2
         xp = packing.pad_to(x, (x.shape[0], kp))
         y = self.quantized_input(xp) @ self.residual().T
+        return self.add_branch_and_bias(y, xp)[:, : self.out_features].to(x.dtype)
+
+    def add_branch_and_bias(self, y: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+        """``y`` (fp32 (M, Np), the 4-bit GEMM's result for the padded input ``xp``) plus the low-rank
+        branch and the bias, added in place in that order."""
         if self.rank:
             down, up = self.branch_factors()
             lora_act = (xp.to(down.dtype).float() @ down.float().T).to(up.dtype)
             y += lora_act.float() @ up.float().T
         if self.bias is not None:
             y += packing.unpack_vector(self.bias).float()
-        return y[:, : self.out_features].to(x.dtype)
+        return y
 
 
 class W4A4Linear(W4A4Reference, nn.Module):
