@@ -114,3 +114,14 @@ def validation_errors(class_type: str, **inputs) -> list[str]:
     prompt = {"1": {"class_type": class_type, "inputs": inputs}}
     _, errors, _ = asyncio.run(execution.validate_inputs("test", prompt, "1", {}))
     return [f"{e.get('extra_info', {}).get('input_name')}: {e.get('details')}" for e in errors]
+
+
+def load_node(name: str, kernel_backend: str = "torch"):
+    """The MODEL that Load SVDQuant Model gives for file ``name`` (bfloat16), after ComfyUI has accepted the
+    node's widget values as a queued prompt would."""
+    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
+
+    assert not validation_errors("SVDQuantModelLoader", model_name=name, compute_dtype="bfloat16",
+                                 kernel_backend=kernel_backend)
+    (patcher,) = SVDQuantModelLoader.execute(name, "bfloat16", kernel_backend).args
+    return patcher

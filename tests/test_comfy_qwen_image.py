@@ -15,7 +15,7 @@ from qwen_fixture import qwen_checkpoint
 from safetensors import safe_open
 from tiny_qwen import REAL_QWEN, TINY_QWEN, qwen_inputs, qwen_shapes, tiny_qwen
 
-from conftest import validation_errors
+from conftest import load_node
 from nunchaku_fixture import FAULTS
 from tiny_models import mapping_errors, relative_error
 
@@ -32,15 +32,6 @@ def qwen(comfy):
 @pytest.fixture(scope="module")
 def dense(qwen):
     return tiny_qwen(seed=0)
-
-
-def load_node(name: str):
-    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
-
-    assert not validation_errors("SVDQuantModelLoader", model_name=name, compute_dtype="bfloat16",
-                                 kernel_backend="torch")
-    (patcher,) = SVDQuantModelLoader.execute(name, "bfloat16", "torch").args
-    return patcher
 
 
 def outputs(model, edit: bool) -> torch.Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import load_node
 from nunchaku_fixture import sdxl_checkpoint
 from tiny_models import TINY_SDXL, mapping_errors, quantize, relative_error, sdxl_inputs, tiny_sdxl
 
@@ -26,13 +27,6 @@ def reference(dense):
     inputs = sdxl_inputs(3)
     with torch.no_grad():
         return inputs, dense.diffusion_model(**inputs)
-
-
-def load_node(name: str):
-    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
-
-    (patcher,) = SVDQuantModelLoader.execute(name, "bfloat16", "torch").args
-    return patcher
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])

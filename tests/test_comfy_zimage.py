@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import load_node
 from nunchaku_fixture import quantization_config
 from tiny_models import mapping_errors, quantize, relative_error
 from tiny_zimage import TINY_ZIMAGE, tiny_zimage, zimage_inputs, zimage_shapes
@@ -40,13 +41,6 @@ def reference(dense):
     inputs = zimage_inputs(3)
     with torch.no_grad():
         return inputs, dense.diffusion_model(**inputs)
-
-
-def load_node(name: str):
-    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
-
-    (patcher,) = SVDQuantModelLoader.execute(name, "bfloat16", "torch").args
-    return patcher
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import nunchaku_fixture
 from comfyui_svdquant.svdquant.layers import W4A4Linear, W4A16Linear
-from conftest import validation_errors
+from conftest import load_node
 from nunchaku_fixture import FAULTS, flux_checkpoint
 from tiny_models import TINY_FLUX, flux_inputs, mapping_errors, quantize, relative_error, tiny_flux
 
@@ -35,15 +35,6 @@ def reference(dense):
     inputs = flux_inputs(3)
     with torch.no_grad():
         return inputs, dense.diffusion_model(**inputs)
-
-
-def load_node(name: str, kernel_backend: str = "torch"):
-    from comfyui_svdquant.nodes.loader import SVDQuantModelLoader
-
-    assert not validation_errors("SVDQuantModelLoader", model_name=name, compute_dtype="bfloat16",
-                                 kernel_backend=kernel_backend)
-    (patcher,) = SVDQuantModelLoader.execute(name, "bfloat16", kernel_backend).args
-    return patcher
 
 
 def output(patcher, inputs):
