@@ -42,7 +42,7 @@ _ROW_TILE, _WGMMA_ROW_TILE = 256, 128
 _KERNEL1_CTAS = 1024
 _KERNEL1_CHUNK = 256
 _MAX_PLANS = 4096  # a FLUX model has ~500 quantized layers, each seeing a few input shapes
-Launch = tuple  # (kernel name, grid (x, y, z), threads per block, arguments)
+LaunchSpec = tuple  # (kernel name, grid (x, y, z), threads per block, arguments): what runtime.prepare is made from
 _noted: set[str] = set()
 _last_choice: str | None = None
 # Opt-in: INT4 kernel 2 on wgmma (gemm_w4a4_sm90.cu) on sm_90 GPUs (H100, H200). Off by default until it is
@@ -173,7 +173,7 @@ def _kernel1_ranges(tiles: int, kp: int) -> int:
 
 
 def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int,
-                   wgmma: bool = False) -> tuple[list[Launch], tuple[int, int, int]]:
+                   wgmma: bool = False) -> tuple[list[LaunchSpec], tuple[int, int, int]]:
     """Kernel 1 (with its split-K branch sum when K is split) and kernel 2 of a W4A4 forward of ``m`` rows
     (arguments: weight tensors, None, ints and the per-call slots), and the workspace words they share
     (codes, ascales, lora_act; the branch sums of a split K follow lora_act). ``wgmma``: kernel 2 of an INT4
@@ -203,7 +203,7 @@ def _w4a4_launches(layer: torch.nn.Module, m: int, ldx: int, kx: int,
     ], workspace
 
 
-def _w4a16_launches(layer: torch.nn.Module, m: int) -> list[Launch]:
+def _w4a16_launches(layer: torch.nn.Module, m: int) -> list[LaunchSpec]:
     np_, kp = layer.qweight.shape[0] * 4, layer.qweight.shape[1] * 2
     rows = 1 if m == 1 else 2 if m == 2 else 4
     return [(f"svdq_gemv_w4a16_{_dtype_name(layer)}_m{rows}", (np_ // 16, -(-m // rows), 1), 128,
@@ -215,13 +215,13 @@ def _workspaces(words: tuple[int, int, int], device: torch.device) -> list[torch
     return list(torch.empty(sum(words), dtype=torch.int32, device=device).split(words))
 
 
-def _readable(launches: list[Launch], values: dict[_Slot, torch.Tensor]) -> list[Launch]:
+def _readable(launches: list[LaunchSpec], values: dict[_Slot, torch.Tensor]) -> list[LaunchSpec]:
     return [(name, grid, block, [values[a] if isinstance(a, _Slot) else _ready(a) if isinstance(a, torch.Tensor)
                                  else a for a in args]) for name, grid, block, args in launches]
 
 
 def plan_w4a4(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = None,
-              wgmma: bool = False) -> tuple[torch.Tensor, list[Launch]]:
+              wgmma: bool = False) -> tuple[torch.Tensor, list[LaunchSpec]]:
     """The output and the two launches (kernel 1, kernel 2) of a W4A4 forward of a 2-D input with at least
     one row, with tensors (device pointers), None (null) and ints as arguments (tests, benchmarks).
     ``wgmma``: kernel 2 of an INT4 layer on wgmma (sm_90a; :func:`kernel_function` finds it)."""
@@ -233,7 +233,7 @@ def plan_w4a4(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None 
 
 
 def plan_w4a16(layer: torch.nn.Module, x: torch.Tensor,
-               out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Launch]]:
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[LaunchSpec]]:
     """The output and the launch of a W4A16 forward of a 2-D input with 1 to W4A16_MAX_ROWS rows."""
     x = _padded(x, layer.qweight.shape[1] * 2)
     y = _output(out, x.shape[0], layer.out_features, x)
@@ -282,7 +282,7 @@ def _wgmma_for(layer: torch.nn.Module, index: int) -> bool:
     return False
 
 
-def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, launches: list[Launch],
+def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, launches: list[LaunchSpec],
                workspace: tuple[int, int, int] | None) -> _Plan | str:
     problem = compute_dtype_problem(layer)
     if problem is None and x.dtype != layer.compute_dtype:
