@@ -46,6 +46,19 @@ template <class T> DEVICE u32 pack2(float lo, float hi) {
     return (u32)from_f32<T>(lo) | ((u32)from_f32<T>(hi) << 16);
 }
 
+// Outputs (row, col) and (row, col + 1) of a row-major 16-bit M x N matrix (col even), rounded from fp32: one
+// 4-byte store where N is even (the pair is then 4-byte aligned); nothing outside the matrix is written.
+template <class T> DEVICE void store_pair(u16* y, int M, int N, int row, int col, float v0, float v1) {
+    if (row >= M || col >= N) return;
+    u16* out = y + (size_t)row * N + col;
+    if ((N & 1) == 0) {
+        *(u32*)out = pack2<T>(v0, v1);
+    } else {
+        out[0] = from_f32<T>(v0);
+        if (col + 1 < N) out[1] = from_f32<T>(v1);
+    }
+}
+
 // ---- memory ---------------------------------------------------------------------------------
 DEVICE uint4 ldg16(const void* p) {
     return ptx_ldg16(p);

@@ -276,7 +276,6 @@ template <class T, int MODE> struct Kernel2 {
         }
 
         // Epilogue: bias, round to 16 bits, store the rows < M and columns < N_out.
-        const bool pairs = (p.N_out & 1) == 0;  // 4-byte stores need an even row length
 #pragma unroll
         for (int j = 0; j < TJ; j++) {
             float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -291,14 +290,7 @@ template <class T, int MODE> struct Kernel2 {
                         const int col = 16 * (nt + j) + 8 * nh + 2 * t;
                         const float v0 = acc[i][j][nh][2 * h] + bias[2 * nh];
                         const float v1 = acc[i][j][nh][2 * h + 1] + bias[2 * nh + 1];
-                        if (row >= p.M || col >= p.N_out) continue;
-                        u16* out = p.y + (size_t)row * p.N_out + col;
-                        if (pairs) {
-                            *(u32*)out = pack2<T>(v0, v1);
-                        } else {
-                            out[0] = from_f32<T>(v0);
-                            if (col + 1 < p.N_out) out[1] = from_f32<T>(v1);
-                        }
+                        store_pair<T>(p.y, p.M, p.N_out, row, col, v0, v1);
                     }
         }
     }

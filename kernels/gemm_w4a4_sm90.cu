@@ -286,7 +286,6 @@ template <class T, bool UNSIGNED_A> struct Kernel2Wgmma {
 
         // Epilogue: bias, round to 16 bits, store rows < M and columns < N_out. Bias is a packed vector:
         // columns 8j + 2t + d of tile j = 2a + b sit at 16a + 4t + 2b + d (one 8-byte load per a).
-        const bool pairs = (p.N_out & 1) == 0;  // 4-byte stores need an even row length
 #pragma unroll
         for (int a = 0; a < BN / 16; a++) {
             float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -305,14 +304,7 @@ template <class T, bool UNSIGNED_A> struct Kernel2Wgmma {
                     const int col = BN * nb + 8 * j + 2 * t;
                     const float v0 = st.acc[j][2 * h] + bias[2 * b];
                     const float v1 = st.acc[j][2 * h + 1] + bias[2 * b + 1];
-                    if (row >= p.M || col >= p.N_out) continue;
-                    u16* out = p.y + (size_t)row * p.N_out + col;
-                    if (pairs) {
-                        *(u32*)out = pack2<T>(v0, v1);
-                    } else {
-                        out[0] = from_f32<T>(v0);
-                        if (col + 1 < p.N_out) out[1] = from_f32<T>(v1);
-                    }
+                    store_pair<T>(p.y, p.M, p.N_out, row, col, v0, v1);
                 }
         }
     }
