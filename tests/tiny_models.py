@@ -58,14 +58,20 @@ def flux_shapes(config: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def meta_state_dict(model_class, **config) -> dict[str, torch.Tensor]:
+    """The parameters of ComfyUI's ``model_class`` built with ``config`` on the meta device: its names, shapes
+    only."""
+    import comfy.ops
+
+    return dict(model_class(**config, device="meta", operations=comfy.ops.disable_weight_init).state_dict())
+
+
 def sdxl_shapes(config: dict) -> dict[str, torch.Tensor]:
     """The parameters of an SDXL-class UNet in ComfyUI's names, shapes only: ComfyUI's own UNetModel built
     on the meta device (its constructor arguments are the same in every supported ComfyUI version)."""
-    import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet = UNetModel(**dict(config, num_heads=-1), device="meta", operations=comfy.ops.disable_weight_init)
-    return dict(unet.state_dict())
+    return meta_state_dict(UNetModel, **dict(config, num_heads=-1))
 
 
 def comfy_model(architecture, shapes: dict, dtype: torch.dtype, seed: int, hint: dict | None = None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny_models import comfy_model
+from tiny_models import comfy_model, meta_state_dict
 
 # Two dual-stream blocks, 2 heads of 64 (hidden 128, MLP 512), a 64-wide text context. The rotary axes
 # add up to the head size as Qwen-Image's (16, 56, 56) do to 128.
@@ -21,11 +21,9 @@ REAL_QWEN = dict(TINY_QWEN, num_layers=60, attention_head_dim=128, num_attention
 def qwen_shapes(config: dict) -> dict[str, torch.Tensor]:
     """The parameters of a Qwen-Image file in ComfyUI's (= diffusers') names, shapes only: ComfyUI's own class
     built on the meta device."""
-    import comfy.ops
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
 
-    model = QwenImageTransformer2DModel(**config, device="meta", operations=comfy.ops.disable_weight_init)
-    return dict(model.state_dict())
+    return meta_state_dict(QwenImageTransformer2DModel, **config)
 
 
 def tiny_qwen(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny_models import comfy_model
+from tiny_models import comfy_model, meta_state_dict
 
 # Z-Image-Turbo's layout at width 256: its head size (128 = 32 + 48 + 48 rotary axes), its feed-forward rule
 # (8/3 · dim rounded up to 256: 768), two refiners of each kind, pad tokens. 256 is the narrowest width whose
@@ -19,11 +19,9 @@ TINY_ZIMAGE = {
 
 def zimage_shapes(config: dict) -> dict[str, torch.Tensor]:
     """The parameters of a Z-Image file in ComfyUI's names, shapes only (ComfyUI's NextDiT on the meta device)."""
-    import comfy.ops
     from comfy.ldm.lumina.model import NextDiT
 
-    model = NextDiT(**config, device="meta", operations=comfy.ops.disable_weight_init)
-    return dict(model.state_dict())
+    return meta_state_dict(NextDiT, **config)
 
 
 def tiny_zimage(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides):
