@@ -15,18 +15,19 @@ allocates its output and one workspace, fills in their addresses and the input's
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import os
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..svdquant import dispatch, packing
 from ..svdquant.errors import SVDQuantError
-from ..svdquant.layers import W4A4Reference, compute_dtype_problem
+from ..svdquant.layers import compute_dtype_problem
 from . import build, runtime
 
 log = logging.getLogger(__name__)
@@ -53,20 +54,17 @@ _WGMMA_PREFIX = "svdq_gemm_wgmma_"
 _wgmma_modules: dict[int, object] = {}  # device index → the loaded wgmma module
 
 
-class _Slot(str):
-    """A launch argument that changes per call (the input, the output, a workspace)."""
-
-
-X, Y, CODES, ASCALES, LORA_ACT = _SLOTS = tuple(_Slot(n) for n in ("x", "y", "codes", "ascales", "lora_act"))
+# The launch arguments that change per call, as indices into the call's values (runtime.Launches)
+X, Y, CODES, ASCALES, LORA_ACT = map(runtime.Slot, range(5))
 
 
 @dataclass
 class _Plan:
     device: runtime.Device
     family: str
-    launches: tuple[runtime.Launch, ...]  # the per-call slots index (X, Y, CODES, ASCALES, LORA_ACT)
+    launches: runtime.Launches  # per-call values: x, y (W4A16); x, y, codes, ascales, lora_act (W4A4)
     workspace: int  # int32 words of the three workspaces (W4A4), 0 for none
-    offsets: tuple[int, ...]  # byte offsets of codes, ascales, lora_act in it
+    offsets: tuple[int, int]  # byte offsets of ascales and lora_act in it (codes start it)
     keep: list[torch.Tensor]  # weight copies made to meet the kernels' alignment, alive while the plan is
 
 
@@ -215,8 +213,8 @@ def _workspaces(words: tuple[int, int, int], device: torch.device) -> list[torch
     return list(torch.empty(sum(words), dtype=torch.int32, device=device).split(words))
 
 
-def _readable(launches: list[LaunchSpec], values: dict[_Slot, torch.Tensor]) -> list[LaunchSpec]:
-    return [(name, grid, block, [values[a] if isinstance(a, _Slot) else _ready(a) if isinstance(a, torch.Tensor)
+def _readable(launches: list[LaunchSpec], values: dict[runtime.Slot, torch.Tensor]) -> list[LaunchSpec]:
+    return [(name, grid, block, [values[a] if isinstance(a, runtime.Slot) else _ready(a) if isinstance(a, torch.Tensor)
                                  else a for a in args]) for name, grid, block, args in launches]
 
 
@@ -241,10 +239,8 @@ def plan_w4a16(layer: torch.nn.Module, x: torch.Tensor,
 
 
 def _pack(arg: object, keep: list[torch.Tensor]) -> object:
-    """A launch argument as the driver takes it: a device pointer, a null pointer or an int32 (a per-call
-    argument: a null pointer until the call fills it in)."""
-    if isinstance(arg, _Slot):
-        return np.uint64(0)
+    """A launch argument as runtime.Launches takes it (a weight that does not meet the kernels' alignment is
+    copied once, and the copy kept)."""
     if isinstance(arg, torch.Tensor):
         ready = _ready(arg)
         if ready is not arg:
@@ -298,29 +294,23 @@ def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, 
     if device is None:
         return f"{what}: no kernel on cuda:{x.device.index}"
     keep: list[torch.Tensor] = []
-    packed = tuple(runtime.prepare(kernel_function(device, family, name), grid, block,
-                                   tuple(_pack(a, keep) for a in args),
-                                   tuple((i, _SLOTS.index(a)) for i, a in enumerate(args) if isinstance(a, _Slot)))
-                   for name, grid, block, args in launches)
-    words = workspace or (0,)
-    return _Plan(device, family, packed, sum(words), tuple(4 * sum(words[:i]) for i in range(len(words))), keep)
+    packed = runtime.Launches([(kernel_function(device, family, name), grid, block, tuple(_pack(a, keep) for a in args))
+                               for name, grid, block, args in launches], 5 if workspace else 2)
+    codes, ascales, _ = workspace or (0, 0, 0)
+    return _Plan(device, family, packed, sum(workspace or ()), (4 * codes, 4 * (codes + ascales)), keep)
 
 
-_TENSORS = ("qweight", "wscales", "wzeros", "smooth_factor", "proj_down", "proj_up", "bias", "wcscales", "wtscale")
+_data_ptr, _present = torch.Tensor.data_ptr, functools.partial(operator.is_not, None)  # (C calls: this runs per call)
 
 
-def _plan_key(layer: torch.nn.Module, x: torch.Tensor, *shape: int) -> tuple:
-    """Everything a plan depends on: the input's shape, dtype and device, the layer's kind, and its weights'
-    addresses and layout (every tensor's shape follows from qweight's, the branch's and the kind). ``layer``
-    is a module (read through its buffer table: a module's attribute lookup is slow) or a custom op's view
-    of one (svdquant/torch_ops.py)."""
-    buffers = getattr(layer, "_buffers", None)
-    if buffers is None:
-        buffers = {name: getattr(layer, name, None) for name in _TENSORS}
-    kind = (layer.precision, layer.act_unsigned, buffers["proj_down"].shape) if isinstance(layer, W4A4Reference) \
-        else "w4a16"
-    return (*shape, x.dtype, x.get_device(), layer.kernel_backend, layer.out_features, kind, buffers["qweight"].shape,
-            *[0 if t is None else t.data_ptr() for t in buffers.values()])
+def _plan_key(layer: torch.nn.Module, x: torch.Tensor, *call: object) -> tuple:
+    """Everything a plan depends on: ``call`` (the input's shape, the layer's kind), the input's dtype and
+    device, and the addresses and layout of the layer's weights (every tensor's shape follows from qweight's,
+    the kind and the call). ``layer`` is a module (read through its buffer table: a module's attribute lookup
+    is slow) or a custom op's view of one (svdquant/torch_ops.py)."""
+    buffers = layer._buffers
+    return (*call, x.dtype, x.get_device(), layer.kernel_backend, layer.out_features, buffers["qweight"].shape,
+            *map(_data_ptr, filter(_present, buffers.values())))
 
 
 def _cached(key: tuple, plan: _Plan | str) -> _Plan | str:
@@ -335,13 +325,14 @@ def _run(plan: _Plan, key: tuple, layer: torch.nn.Module, x: torch.Tensor, y: to
     refuses a launch but the GPU stays usable."""
     device = plan.device
     stream = device.stream()
-    values = [x.data_ptr(), y.data_ptr()]
-    if plan.workspace:  # the three workspaces in one buffer
-        workspace = device.workspace(plan.workspace, stream, x.device)  # held past the launches
-        base = workspace.data_ptr()
-        values += [base + offset for offset in plan.offsets]
     try:
-        device.run(plan.launches, values, stream)
+        if plan.workspace:  # the three workspaces in one buffer, held past the launches
+            workspace = device.workspace(plan.workspace, stream, x)
+            codes = workspace.data_ptr()
+            ascales, lora_act = plan.offsets
+            device.run(plan.launches, stream, x.data_ptr(), y.data_ptr(), codes, codes + ascales, codes + lora_act)
+        else:
+            device.run(plan.launches, stream, x.data_ptr(), y.data_ptr())
     except runtime.LaunchError as exc:
         where = f"{_label(layer)} with a {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} input"
         if exc.sticky:
@@ -363,7 +354,8 @@ def w4a4(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = Non
     if m == 0:
         return x.new_empty((0, layer.out_features))
     x, ldx, kx = _input(x, layer)
-    key = _plan_key(layer, x, m, ldx, kx)
+    key = _plan_key(layer, x, m, ldx, kx, layer.precision, layer.act_unsigned,
+                    layer._buffers["proj_down"].shape)
     plan = _plans.get(key)
     if plan is None:
         family = layer.precision  # "int4" | "nvfp4"

@@ -4,12 +4,13 @@ CuPy is imported here, lazily (only when a CUDA tensor meets a quantized layer o
 called), so importing the pack never needs CuPy, a GPU or a compiler. The kernels are ``cupy.RawModule``s
 (see build.py: NVRTC, CuPy's kernel cache), launched through the driver (CuPy's ``cuLaunchKernel`` binding)
 on torch's current stream with the tensors' device pointers (zero copy), from argument buffers made once
-per plan (:class:`Launch`).
+per plan (:class:`Launches`).
 """
 
 from __future__ import annotations
 
 import functools
+import struct
 import threading
 from dataclasses import dataclass, field
 
@@ -45,44 +46,54 @@ class LaunchError(RuntimeError):
         return self.status in STICKY
 
 
-def packed(arg: torch.Tensor | int | None):
-    """A launch argument as the driver takes it: a tensor's device pointer, a null pointer, an int32."""
+class Slot(int):
+    """A per-call launch argument (the input, the output, a workspace): its index in the call's values."""
+
+
+def packed(arg: torch.Tensor | int | Slot | None):
+    """A launch argument as :class:`Launches` takes it: a tensor's device pointer, a null pointer, an int32, or a
+    :class:`Slot` filled per call."""
+    if isinstance(arg, Slot):
+        return arg
     if isinstance(arg, torch.Tensor):
         return np.uint64(arg.data_ptr())
     return np.uint64(0) if arg is None else np.int32(arg)
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch as ``cuLaunchKernel`` takes it, made once and reused for every call.
+class Launches:
+    """Kernel launches that run together, in order, as ``cuLaunchKernel`` takes them: made once (per plan) and
+    reused for every call.
 
-    ``params`` holds one 8-byte slot per kernel argument: a device pointer, or an int32 in its low half (the
-    driver reads each argument's own size from the start of its slot; CUDA hosts are little-endian).
-    ``pointers`` holds the address of each slot: the driver's ``kernelParams``, at ``kernel_params``. The
-    constant arguments are written once; a call writes only its per-call ones (``slots``: argument position
-    → index into the call's values) and launches, making no Python object per argument."""
+    Each launch has one 8-byte slot per constant argument (a device pointer, or an int32 in its low half: the
+    driver reads each argument's own size from the start of its slot; CUDA hosts are little-endian) and the
+    array of their addresses that the driver reads as ``kernelParams``. A per-call argument's address points
+    instead into ``values``, one buffer shared by every launch, so a call writes each per-call value once (one
+    ``struct.pack_into``) and launches, making no Python object per argument."""
 
-    head: tuple[int, ...]  # cuLaunchKernel's arguments before the stream: CUfunction, grid, block, shared bytes
-    params: np.ndarray
-    pointers: np.ndarray
-    kernel_params: int
-    slots: tuple[tuple[int, int], ...]
-
-
-def prepare(function, grid: tuple[int, int, int], block: int, args: tuple,
-            slots: tuple[tuple[int, int], ...] = ()) -> Launch:
-    """A :class:`Launch` of ``function`` (a ``cupy.cuda.Function``, or a RawModule's RawKernel) with
-    ``args`` as :func:`packed` gives them; the positions in ``slots`` are filled per call."""
-    function = getattr(function, "kernel", function)
-    params = np.zeros(len(args), dtype=np.uint64)
-    halves = params.view(np.int32)
-    for i, arg in enumerate(args):
-        if isinstance(arg, np.int32):
-            halves[2 * i] = arg
-        else:
-            params[i] = arg
-    pointers = params.ctypes.data + 8 * np.arange(len(args), dtype=np.uint64)
-    return Launch((function.ptr, *grid, block, 1, 1, 0), params, pointers, pointers.ctypes.data, slots)
+    def __init__(self, kernels: list[tuple[object, tuple[int, int, int], int, tuple]], slots: int = 0):
+        """``kernels``: (function, grid, block, arguments as :func:`packed` gives them); ``slots``: how many
+        per-call values the arguments' :class:`Slot` indices range over."""
+        self.values = np.zeros(max(slots, 1), dtype=np.uint64)
+        self.write = struct.Struct(f"{slots}Q").pack_into  # (self.values, 0, *values)
+        # per launch: cuLaunchKernel's arguments before the stream (function, grid, block, shared bytes), and
+        # kernelParams
+        self.calls: list[tuple[tuple[int, ...], int]] = []
+        self._keep: list[np.ndarray] = []  # the arrays the driver reads
+        base = self.values.ctypes.data
+        for function, grid, block, args in kernels:
+            function = getattr(function, "kernel", function)  # a RawModule's RawKernel → its cupy.cuda.Function
+            params = np.zeros(len(args), dtype=np.uint64)
+            halves = params.view(np.int32)
+            pointers = params.ctypes.data + 8 * np.arange(len(args), dtype=np.uint64)
+            for i, arg in enumerate(args):
+                if isinstance(arg, Slot):
+                    pointers[i] = base + 8 * arg
+                elif isinstance(arg, np.int32):
+                    halves[2 * i] = arg
+                else:
+                    params[i] = arg
+            self._keep += [params, pointers]
+            self.calls.append(((function.ptr, *grid, block, 1, 1, 0), pointers.ctypes.data))
 
 
 def torch_cuda_major() -> int:
@@ -183,13 +194,13 @@ class Device:
     def launch_function(self, function, grid: tuple[int, int, int], block: int, args: list) -> None:
         """Launch a CuPy kernel (a Function, or a RawModule's RawKernel) on torch's current stream of this
         device. ``args``: tensors (passed as device pointers), None (a null pointer) and ints (int32)."""
-        self.run((prepare(function, grid, block, tuple(map(packed, args))),), (), self.stream())
+        self.run(Launches([(function, grid, block, tuple(map(packed, args)))]), self.stream())
 
     def stream(self) -> int:
         """torch's current stream of this device (its CUDA handle)."""
         return torch._C._cuda_getCurrentRawStream(self.index)
 
-    def workspace(self, words: int, stream: int, device: torch.device) -> torch.Tensor:
+    def workspace(self, words: int, stream: int, like: torch.Tensor) -> torch.Tensor:
         """At least ``words`` int32 of scratch for kernels about to run on ``stream``. A small workspace is
         one buffer per stream, made once and kept (kernels on one stream run in order, so each call may
         reuse it), which saves the small calls, whose time is mostly launch cost, an allocation each; a
@@ -198,26 +209,23 @@ class Device:
         if words <= SCRATCH_WORDS and not torch._C._cuda_isCurrentStreamCapturing():
             scratch = self._scratch.get(stream)
             if scratch is None:
-                scratch = self._scratch[stream] = torch.empty(SCRATCH_WORDS, dtype=torch.int32, device=device)
+                scratch = self._scratch[stream] = like.new_empty(SCRATCH_WORDS, dtype=torch.int32)
             return scratch
-        return torch.empty(words, dtype=torch.int32, device=device)
+        return like.new_empty(words, dtype=torch.int32)
 
-    def run(self, launches: tuple[Launch, ...] | list[Launch], values: list[int] | tuple[int, ...],
-            stream: int) -> None:
-        """Launch each of ``launches`` in order on ``stream`` of this device, with the per-call arguments
-        ``values`` (device pointers) written into their slots; a driver error is raised as
-        :class:`LaunchError`. Capturable in a CUDA graph: nothing here allocates or synchronises."""
+    def run(self, launches: Launches, stream: int, *values: int) -> None:
+        """Launch ``launches`` in order on ``stream`` of this device, with the per-call arguments ``values``
+        (device pointers, as many as its slots); a driver error is raised as :class:`LaunchError`. Capturable in
+        a CUDA graph: nothing here allocates or synchronises."""
         launch_kernel, get_device, set_device, driver_error = self._api or self._bind()
-        with self._launching:  # the slots are shared by every thread that runs this plan
+        with self._launching:  # the values are shared by every thread that runs these launches
+            launches.write(launches.values, 0, *values)
             previous = get_device()
             if previous != self.index:  # the kernels were loaded into this device's context
                 set_device(self.index)
             try:
-                for launch in launches:
-                    params = launch.params
-                    for position, slot in launch.slots:
-                        params[position] = values[slot]
-                    launch_kernel(*launch.head, stream, launch.kernel_params, 0)
+                for head, kernel_params in launches.calls:
+                    launch_kernel(*head, stream, kernel_params, 0)
             except driver_error as exc:
                 raise LaunchError(exc.status, str(exc)) from exc
             finally:

@@ -27,6 +27,11 @@ class _Tensors:
         for name, value in attributes.items():
             setattr(self, name, value)
 
+    @property
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """The tensors by name, as a module's buffer table holds them (what the kernels' plan key reads)."""
+        return {name: value for name in self.__slots__ if isinstance(value := getattr(self, name, None), torch.Tensor)}
+
 
 class W4A4Tensors(W4A4Reference, _Tensors):
     """A W4A4 layer as the op sees it: what :func:`dispatch.w4a4`, the kernels and the reference path

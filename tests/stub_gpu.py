@@ -45,6 +45,19 @@ def cuda_looking(t: torch.Tensor, through_ops: bool = False) -> torch.Tensor:
     return t.as_subclass(LooksLikeCudaThroughOps if through_ops else LooksLikeCuda)
 
 
+@contextlib.contextmanager
+def every_tensor_cuda_looking() -> Iterator[None]:
+    """Every plain tensor says it is a CUDA tensor (``torch.Tensor.is_cuda`` patched): for the launch-cost
+    benchmark, whose inputs then cost per method call what a GPU tensor's do. A subclass adds about 0.1 µs
+    to each of a call's dozen tensor method calls; the patched ``is_cuda`` costs 0.04 µs more than the real
+    one, once per call."""
+    torch.Tensor.is_cuda = property(lambda self: True)
+    try:
+        yield
+    finally:
+        del torch.Tensor.is_cuda
+
+
 class DriverError(Exception):
     """What CuPy raises for a failed launch (cupy.cuda.driver.CUDADriverError): a status code."""
 
