@@ -79,7 +79,8 @@ class Block:
 class Architecture(Protocol):
     """What the loader, the saver and the quantizer need to know about a model family."""
 
-    name: str
+    name: str  # in file metadata and settings: "flux", "qwen_image" …
+    label: str  # in messages: "FLUX.1", "Qwen-Image" …
     # Whether the files spell the W4A4 leaves as nunchaku's python modules do (``proj_down``, ``smooth_factor``
     # …; families its python backend loads strictly) rather than as its C++ engine does (``lora_down``, ``smooth``).
     python_leaf_names: bool

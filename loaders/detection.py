@@ -33,7 +33,7 @@ def model_config(architecture, shapes: Mapping[str, torch.Tensor], hint: dict | 
     parameter ``shapes``. ``hint``: what a file's metadata says, used only where the tensors cannot tell."""
     detected = comfy.model_detection.detect_unet_config(dict(shapes), "")
     if detected is None:
-        raise SVDQuantError(f"this ComfyUI does not recognise the {architecture.name} model's tensors "
+        raise SVDQuantError(f"this ComfyUI does not recognise the {architecture.label} model's tensors "
                             "(comfy.model_detection found no model); is ComfyUI older than the pack supports?")
     unet_config = architecture.fit_config(dict(detected), shapes, hint or {})
     for candidate in comfy.supported_models.models:

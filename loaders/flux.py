@@ -64,6 +64,7 @@ class FluxArchitecture:
     """FLUX under one naming of the block layers: ``"cpp"`` (the published files) or ``"python"``."""
 
     name = "flux"
+    label = "FLUX.1"
     python_leaf_names = False  # the published files follow the C++ engine's names
 
     def __init__(self, naming: str = "cpp"):

@@ -164,7 +164,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "auto", kernel_backend
         missing = [k for k in missing if ".quantized." not in k]  # quantized bodies were set above
         problems = sorted(set(missing) | {name for name, p in diffusion_model.named_parameters() if p.is_meta})
         if problems or unexpected:
-            raise CheckpointError(reader.path, f"tensors do not fit ComfyUI's {architecture.name} model: "
+            raise CheckpointError(reader.path, f"tensors do not fit ComfyUI's {architecture.label} model: "
                                   f"missing {problems[:5]}, unexpected {unexpected[:5]}")
         leftover = [k for k in reader.keys if k not in consumed]
         if leftover:

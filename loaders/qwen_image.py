@@ -40,6 +40,7 @@ QWEN_AXES = [16, 56, 56]  # Qwen-Image's rotary axes (head size 128)
 
 class QwenImageArchitecture:
     name = "qwen_image"
+    label = "Qwen-Image"
     python_leaf_names = True  # nunchaku's python loader reads proj_down / smooth_factor …, strictly
 
     def detect(self, reader: CheckpointReader) -> bool:

@@ -38,6 +38,7 @@ _MARKER = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\
 
 class SDXLArchitecture:
     name = "sdxl"
+    label = "SDXL"
     python_leaf_names = False
 
     def detect(self, reader: CheckpointReader) -> bool:

@@ -72,6 +72,7 @@ def ffn_fields(dim: int, hidden: int) -> dict:
 
 class ZImageArchitecture:
     name = "zimage"
+    label = "Z-Image"
     python_leaf_names = True  # the file's names for a W4A4 layer's tensors (nunchaku's python backend)
 
     def detect(self, reader: CheckpointReader) -> bool:

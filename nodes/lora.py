@@ -104,7 +104,7 @@ def add_lora(model, name: str, strength: float) -> None:
 
 def _model_name(model) -> str:
     found = architecture_of(model.model.diffusion_model)
-    return found[0].name.upper() if found else type(model.model).__name__
+    return found[0].label if found else type(model.model).__name__
 
 
 def _check_fit(model, name: str, target, patch) -> None:

@@ -554,7 +554,7 @@ def test_stack_node_rejects_a_lora_for_another_model(case, patchers, model_folde
     }[case]
     name = write_lora(model_folders["loras"], f"{case}.safetensors", layers, "kohya")
     q, _ = patchers
-    with pytest.raises(SVDQuantError, match=f"LoRA '{case}.safetensors' matches no layer of this FLUX model"):
+    with pytest.raises(SVDQuantError, match=f"LoRA '{case}.safetensors' matches no layer of this FLUX.1 model"):
         stack(q, [(name, 1.0)])
     assert q.patches == {}
 
@@ -565,7 +565,7 @@ def test_stack_node_rejects_a_lora_of_other_shapes(patchers, model_folders):
     big = {"lora_unet_double_blocks_0_img_attn_qkv": (3 * 3072, 3072)}  # FLUX.1-dev's width
     name = write_lora(model_folders["loras"], "flux-dev.safetensors", big, "kohya")
     q, _ = patchers
-    with pytest.raises(SVDQuantError, match=r"LoRA 'flux-dev.safetensors' does not fit this FLUX model: it changes "
+    with pytest.raises(SVDQuantError, match=r"LoRA 'flux-dev.safetensors' does not fit this FLUX.1 model: it changes "
                                             r"'double_blocks.0.img_attn.qkv' \(384×128\)"):
         stack(q, [(name, 1.0)])
 
@@ -621,7 +621,7 @@ def test_a_foreign_lora_fails_the_prompt_with_the_packs_message(patchers, model_
     assert not executor.success
     failure = [data for event, data in executor.status_messages if event == "execution_error"][0]
     assert failure["node_type"] == "SVDQuantLoraStack" and failure["exception_type"].endswith("SVDQuantError")
-    assert "LoRA 'sdxl.safetensors' matches no layer of this FLUX model" in failure["exception_message"]
+    assert "LoRA 'sdxl.safetensors' matches no layer of this FLUX.1 model" in failure["exception_message"]
 
 
 # --- SDXL -----------------------------------------------------------------------------------------

@@ -136,5 +136,5 @@ def test_stack_node_agrees_with_comfys_loader_and_refuses_a_flux_lora(patchers, 
         sixteen_bit = assert_16bit_layers_dense_patched(stacked, d_lora)
     assert len(errors) + sixteen_bit == len(stacked.patches) and sixteen_bit == 2
     assert max(errors.values()) < LAYER_TOLERANCE, errors
-    with pytest.raises(SVDQuantError, match="LoRA 'flux.safetensors' matches no layer of this QWEN_IMAGE model"):
+    with pytest.raises(SVDQuantError, match="LoRA 'flux.safetensors' matches no layer of this Qwen-Image model"):
         stack(q, [(flux, 1.0)])

@@ -126,5 +126,5 @@ def test_stack_node_matches_comfys_loader_and_refuses_a_flux_lora(patchers, mode
         expected = run(chained, bf16)
     with patched(stacked):
         assert torch.equal(run(stacked, bf16), expected)
-    with pytest.raises(SVDQuantError, match="LoRA 'flux.safetensors' .*this ZIMAGE model.*for another model"):
+    with pytest.raises(SVDQuantError, match="LoRA 'flux.safetensors' .*this Z-Image model.*for another model"):
         stack(q, [(flux, 1.0)])

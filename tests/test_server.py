@@ -26,8 +26,8 @@ BAD_FILES = {  # file name → words the error message must contain (besides the
 
 
 BAD_LORAS = {  # file name → words the error message must contain (besides the file name)
-    "sdxl-lora.safetensors": "matches no layer of this FLUX model",
-    "flux-lora-for-a-wider-model.safetensors": "does not fit this FLUX model",
+    "sdxl-lora.safetensors": "matches no layer of this FLUX.1 model",
+    "flux-lora-for-a-wider-model.safetensors": "does not fit this FLUX.1 model",
 }
 
 
