@@ -238,6 +238,14 @@ def test_small_calls_reuse_one_workspace_per_stream(gpu, monkeypatch):
     assert _pointers(gpu.launches[0][3])[3] != gpu.device._scratch[0].data_ptr()
 
 
+def test_a_direct_launch_passes_pointers_nulls_and_int32s(gpu):
+    """Device.launch, what the GPU tests and benchmarks call one kernel with: tensors as their addresses, None as
+    a null pointer, ints as int32 in the low 4 bytes of their 8-byte slot (-1 reads as 0xFFFFFFFF)."""
+    t = torch.zeros(4)
+    gpu.device.launch("int4", "svdq_quantize_branch_sum_bf16", (2, 1, 1), 128, [t, 32, -1, None])
+    assert gpu.launches == [("svdq_quantize_branch_sum_bf16", (2, 1, 1), 128, (t.data_ptr(), 32, 2**32 - 1, 0))]
+
+
 def test_a_launch_from_another_current_device_switches_and_restores_it(gpu, monkeypatch):
     """The kernels live in their GPU's context: a thread whose current device is another GPU switches for
     the launch and back."""
