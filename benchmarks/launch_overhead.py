@@ -1,7 +1,9 @@
 """CPU cost of one fused layer call: everything the Python launch path does (device and dtype checks,
 the plan lookup, output and workspace, the argument buffers, the driver calls). This is the time a FLUX
 step spends in Python before any kernel runs (about 500 quantized layer calls per step), so it is
-measured, not assumed.
+measured, not assumed. Where ComfyUI is found (COMFYUI_PATH, or this repository in its custom_nodes), also
+the whole layer call as ComfyUI's model makes it (the pack's custom operation around the layer, a 3-D input,
+inference mode), without and with a LoRA.
 
     python benchmarks/launch_overhead.py                 # no GPU: the driver's launch call stubbed
     python benchmarks/launch_overhead.py --gpu           # on a GPU: real launches, beside bf16 F.linear
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import pack_import  # noqa: E402, F401, I001  (first: the pack as the package comfyui_svdquant, as the tests import it)
+from quantize_common import find_comfyui  # noqa: E402, I001
 from stub_gpu import every_tensor_cuda_looking, stub_gpu  # noqa: E402, I001
 from test_layers import random_w4a4  # noqa: E402, I001
 
@@ -40,6 +43,7 @@ SHAPES = {  # name: (in, out, rank); rank 32 as the published FLUX checkpoints
     "FLUX mlp 12288→3072": (12288, 3072, 32),
     "SDXL attn 640→640": (640, 640, 32),
 }
+LORA_RANK = 16
 BATCH = 100  # calls enqueued between synchronisations on a GPU (200 launches: far below the launch queue)
 
 
@@ -65,6 +69,36 @@ def per_call_us(fn, calls: int, sync=None, runs: int = 30) -> float:
     return fastest
 
 
+def comfyui_ops(cpu: bool):
+    """The pack's ComfyUI custom operations (ComfyUI imported for them), or None where ComfyUI is not found."""
+    root = find_comfyui()
+    if root is None:
+        return None
+    sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = cpu
+    from comfyui_svdquant.loaders.ops import SVDQuantOps
+
+    return SVDQuantOps
+
+
+def comfyui_layer(ops, layer: torch.nn.Module, lora: bool) -> torch.nn.Module:
+    """``layer`` as ComfyUI's model holds it: the pack's Linear operation, with a rank-16 LoRA attached as
+    ComfyUI's ModelPatcher attaches one (its patch tuple, from ComfyUI's own LoRA reader) if ``lora``."""
+    import comfy.lora
+
+    op = ops.Linear(layer.in_features, layer.out_features, dtype=torch.bfloat16)
+    op.set_quantized(layer)
+    if lora:
+        device = layer.qweight.device
+        tensors = {"l.lora_up.weight": torch.randn(layer.out_features, LORA_RANK, device=device) / LORA_RANK,
+                   "l.lora_down.weight": torch.randn(LORA_RANK, layer.in_features, device=device) / 64}
+        adapter = comfy.lora.load_lora({k: v.bfloat16() for k, v in tensors.items()}, {"l": "l.weight"})["l.weight"]
+        op.set_lora([(1.0, adapter, 1.0, None, None)])
+    return op
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=5000)
@@ -73,35 +107,43 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.gpu:
-        print(f"SVDQuant: {kernels.enable('cuda')}")
         device, sync, where = torch.device("cuda"), torch.cuda.synchronize, torch.cuda.get_device_name()
     else:
         device, sync, where = torch.device("cpu"), None, "launches stubbed"
     with contextlib.nullcontext() if args.gpu else stub_gpu(record=False), \
             contextlib.nullcontext() if args.gpu else every_tensor_cuda_looking():
+        print(f"SVDQuant: {kernels.enable('cuda')}")  # what the layers' calls dispatch to
         print(f"Launch-path CPU cost per layer call, {args.rows} rows, {where}; {datetime.date.today()}, "
               f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, torch "
               f"{torch.__version__}\n")
+        ops = comfyui_ops(cpu=not args.gpu)
         # The output's allocation alone: what every layer call pays, F.linear's too, and a yardstick of this
         # machine's speed at torch's per-call work
-        print("| layer | precision | µs per call | its output's allocation alone µs |"
-              + (" bf16 F.linear µs |" if args.gpu else ""))
-        print("| --- | --- | ---: | ---: |" + (" ---: |" if args.gpu else ""))
+        columns = ["layer", "precision", "µs per call", "its output's allocation alone µs"]
+        columns += ["ComfyUI layer call µs", "with a LoRA µs"] if ops else []
+        columns += ["bf16 F.linear µs"] if args.gpu else []
+        print("| " + " | ".join(columns) + " |\n| --- | --- |" + " ---: |" * (len(columns) - 2))
         for name, (k, n, rank) in SHAPES.items():
             for precision in ("int4", "nvfp4"):
                 layer = random_w4a4(k, n, rank, precision).to(device)
                 x = torch.randn(args.rows, k, dtype=torch.bfloat16, device=device)
                 if backend.w4a4(layer, x) is None:
-                    print(f"| {name} | {precision} | (reference path on this GPU) | |" + (" |" if args.gpu else ""))
+                    print(f"| {name} | {precision} | (reference path on this GPU) |" + " |" * (len(columns) - 3))
                     continue
-                cost = per_call_us(lambda layer=layer, x=x: backend.w4a4(layer, x), args.calls, sync)
-                alloc = per_call_us(lambda x=x, n=n: x.new_empty((x.shape[0], n)), args.calls, sync)
-                row = f"| {name} | {precision} | {cost:.1f} | {alloc:.1f} |"
+                costs = [per_call_us(lambda layer=layer, x=x: backend.w4a4(layer, x), args.calls, sync),
+                         per_call_us(lambda x=x, n=n: x.new_empty((x.shape[0], n)), args.calls, sync)]
+                if ops:
+                    with torch.inference_mode():
+                        x3 = x[None]  # (batch, tokens, features), as a model's layers see them
+                        for lora in (False, True):
+                            op = comfyui_layer(ops, layer, lora)
+                            costs.append(per_call_us(lambda op=op, x3=x3: op(x3), args.calls, sync))
                 if args.gpu:
                     w = torch.randn(n, k, dtype=torch.bfloat16, device=device)
-                    row += f" {per_call_us(lambda w=w, x=x: F.linear(x, w), args.calls, sync):.1f} |"
-                print(row)
-
+                    costs.append(per_call_us(lambda w=w, x=x: F.linear(x, w), args.calls, sync))
+                print(f"| {name} | {precision} | " + " | ".join(f"{c:.1f}" for c in costs) + " |")
+        if ops is None:
+            print("\n(ComfyUI not found: set COMFYUI_PATH for the whole layer call's columns)")
 
 if __name__ == "__main__":
     main()

@@ -21,10 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "comfyui_svdquant"
 
 
-def comfyui_root() -> str:
+def find_comfyui() -> str | None:
     """ComfyUI's folder: $COMFYUI_PATH, else the ComfyUI this repository is installed in (custom_nodes)."""
     candidates = [os.environ.get("COMFYUI_PATH"), str(ROOT.parent.parent)]
-    root = next((c for c in candidates if c and (Path(c) / "comfy" / "model_management.py").exists()), None)
+    return next((c for c in candidates if c and (Path(c) / "comfy" / "model_management.py").exists()), None)
+
+
+def comfyui_root() -> str:
+    """:func:`find_comfyui`, or exit saying how to point at ComfyUI."""
+    root = find_comfyui()
     if root is None:
         sys.exit("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (or put this repository in "
                  "ComfyUI/custom_nodes) and run this with ComfyUI's Python")

@@ -17,8 +17,8 @@ A quantized op keeps ComfyUI's contract:
 
 from __future__ import annotations
 
-import copy
 import logging
+import operator
 
 import comfy.ops
 import torch
@@ -32,19 +32,30 @@ from .weight import PackedWeight
 log = logging.getLogger(__name__)
 
 
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
 def _moved(module: nn.Module, device: torch.device, replace: dict[int, dict[str, torch.Tensor]]) -> nn.Module:
     """A shallow copy of ``module`` whose buffers are on ``device`` (and replaced where ``replace``
-    says so, keyed by the id of the original leaf); the original module is untouched."""
-    clone = copy.copy(module)
-    clone._buffers = {k: (v.to(device, non_blocking=True) if v is not None else None)
-                      for k, v in module._buffers.items()}
-    clone._buffers.update({k: v.to(device, non_blocking=True) for k, v in replace.get(id(module), {}).items()})
-    clone._modules = {k: _moved(v, device, replace) for k, v in module._modules.items()}
+    says so, keyed by the id of the original leaf); the original module is untouched. It runs per call of a
+    LoRA'd or streamed layer, so it copies the instance dict directly (what ``copy.copy`` does, less the
+    pickling protocol's cost) and leaves tensors already on ``device`` as they are."""
+    state = module.__dict__.copy()
+    state["_buffers"] = {k: _on(v, device) for k, v in module._buffers.items()}
+    state["_buffers"].update({k: _on(v, device) for k, v in replace.get(id(module), {}).items()})
+    state["_modules"] = {k: _moved(v, device, replace) for k, v in module._modules.items()}
+    clone = object.__new__(type(module))
+    object.__setattr__(clone, "__dict__", state)  # not through Module.__setattr__, whose checks cost more
     return clone
 
 
 class SVDQuantOps(comfy.ops.disable_weight_init):
     class Linear(comfy.ops.disable_weight_init.Linear):
+        # Set per layer by ComfyUI's dynamic VRAM (v0.33+) to stream a layer with its patches; this default
+        # spares every other layer call a failed module attribute lookup.
+        weight_lowvram_function = None
+
         def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
             nn.Module.__init__(self)
             self.in_features, self.out_features = in_features, out_features
@@ -54,6 +65,7 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
             if bias:
                 self.bias = nn.Parameter(torch.empty(out_features, device="meta", dtype=dtype), requires_grad=False)
             self.quantized: nn.Module | None = None
+            self._first_buffer: tuple[nn.Module, str] | None = None  # where the body's device is read per call
             self.lora_patches: list | None = None  # set by SVDQuantModelPatcher.patch_weight_to_device
             self.hook_patches: list | None = None  # set by SVDQuantModelPatcher.patch_hook_weight_to_device
             self._branch_cache: tuple | None = None
@@ -65,6 +77,9 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
                 raise SVDQuantError(f"quantized layer is {body.in_features}→{body.out_features}, the model's "
                                     f"Linear is {self.in_features}→{self.out_features}")
             self.quantized = body
+            # A module keeps its identity and buffer names when moved (only its tensors are replaced)
+            self._first_buffer = next((m, name) for m in body.modules() for name, t in m._buffers.items()
+                                      if t is not None)
             self.weight = nn.Parameter(PackedWeight(body, self.weight.dtype, _device_of(body)), requires_grad=False)
             self.bias = None
             self.clear_lora()
@@ -101,6 +116,8 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
                 setattr(self, name, nn.Parameter(value.to(current.dtype), requires_grad=False))
 
         def _active_patches(self) -> list:
+            if not (self.lora_patches or self.hook_patches or self.weight_function or self.weight_lowvram_function):
+                return []  # the common call, kept cheap: nothing attached
             streamed = lowvram_patch(self)
             wrappers = [f for f in self.weight_function if f is not streamed]
             if wrappers and not getattr(self, "_warned_wrapper", False):
@@ -116,7 +133,7 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
             # new patch) and the adapter rank; dropped with the patches by set_lora / unpatch.
             cached = self._branch_cache
             if (cached is None or cached[1] != self.lora_adapter_rank or len(cached[0]) != len(patches)
-                    or any(a is not b for a, b in zip(cached[0], patches, strict=True))):
+                    or not all(map(operator.is_, cached[0], patches))):
                 self._branch_cache = (tuple(patches), self.lora_adapter_rank, branch_buffers(self, patches))
             return self._branch_cache[2]
 
@@ -132,9 +149,10 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
             body = self.quantized
             patches = self._active_patches()
             replace = self._branches(patches) if patches else {}
-            if self.comfy_cast_weights or replace or _device_of(body) != x.device:
+            module, name = self._first_buffer
+            if self.comfy_cast_weights or replace or module._buffers[name].device != x.device:
                 body = _moved(body, x.device, replace)
-            return body(x)
+            return body.forward(x)  # the body is this op's inside: hooks belong on the op (this call is per layer)
 
         def extra_repr(self) -> str:
             kind = "svdquant" if self.quantized is not None else "16-bit"

@@ -237,8 +237,8 @@ def test_a_lora_reaches_the_compiled_layers(with_lora):
 
 
 @pytest.mark.xfail(strict=True, reason="loaders/ops.py picks a LoRA'd layer's branch per call in Python that "
-                   "dynamo cannot trace (patch-tuple identity, copy.copy of the body): graph breaks around "
-                   "each such layer, and some run outside any graph")
+                   "dynamo cannot trace (patch-tuple identity, the per-call shallow copy of the body): graph breaks "
+                   "around each such layer, and some run outside any graph")
 def test_a_lora_keeps_each_layer_in_the_graph(with_lora):
     import nodes
 
