@@ -66,7 +66,11 @@ class PackedWeight(torch.Tensor):
         kwargs = kwargs or {}
         view = args[0] if args and isinstance(args[0], PackedWeight) else None
         if view is not None and func in _VIEWS:
-            return PackedWeight(view.body, view.dtype, view.device)
+            # As inference-mode as its input: autograd gives a view of a normal tensor its input's version
+            # counter, which an inference tensor cannot take (a model built outside inference mode, as scripts
+            # build them, then has its state dict read inside it, as ComfyUI samples).
+            with torch.inference_mode(view.is_inference()):
+                return PackedWeight(view.body, view.dtype, view.device)
         if view is not None and func is aten._to_copy.default:
             device = kwargs.get("device") or view.device
             if kwargs.get("dtype", view.dtype) == view.dtype:

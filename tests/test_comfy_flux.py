@@ -90,3 +90,5 @@ def test_model_size_is_the_packed_size(flux_pair, tmp_path):
     dense_size = comfy.model_management.module_size(dense.diffusion_model)
     assert size < 0.6 * dense_size  # tiny layers pad to 128 and keep a rank-16 branch
     assert TINY_FLUX["hidden_size"] == 128
+    with torch.inference_mode():  # built outside inference mode, sized inside it (as ComfyUI samples)
+        assert SVDQuantModelPatcher(model, torch.device("cpu"), torch.device("cpu")).model_size() == size
