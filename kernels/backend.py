@@ -295,7 +295,7 @@ def _make_plan(layer: torch.nn.Module, x: torch.Tensor, family: str, what: str, 
         return f"{what}: no kernel on cuda:{x.device.index}"
     keep: list[torch.Tensor] = []
     packed = runtime.Launches([(kernel_function(device, family, name), grid, block, tuple(_pack(a, keep) for a in args))
-                               for name, grid, block, args in launches], 5 if workspace else 2)
+                               for name, grid, block, args in launches])
     codes, ascales, _ = workspace or (0, 0, 0)
     return _Plan(device, family, packed, sum(workspace or ()), (4 * codes, 4 * (codes + ascales)), keep)
 

@@ -70,9 +70,9 @@ class Launches:
     instead into ``values``, one buffer shared by every launch, so a call writes each per-call value once (one
     ``struct.pack_into``) and launches, making no Python object per argument."""
 
-    def __init__(self, kernels: list[tuple[object, tuple[int, int, int], int, tuple]], slots: int = 0):
-        """``kernels``: (function, grid, block, arguments as :func:`packed` gives them); ``slots``: how many
-        per-call values the arguments' :class:`Slot` indices range over."""
+    def __init__(self, kernels: list[tuple[object, tuple[int, int, int], int, tuple]]):
+        """``kernels``: (function, grid, block, arguments as :func:`packed` gives them)."""
+        slots = 1 + max((a for *_, args in kernels for a in args if isinstance(a, Slot)), default=-1)
         self.values = np.zeros(max(slots, 1), dtype=np.uint64)
         self.write = struct.Struct(f"{slots}Q").pack_into  # (self.values, 0, *values)
         # per launch: cuLaunchKernel's arguments before the stream (function, grid, block, shared bytes), and
@@ -201,11 +201,11 @@ class Device:
         return torch._C._cuda_getCurrentRawStream(self.index)
 
     def workspace(self, words: int, stream: int, like: torch.Tensor) -> torch.Tensor:
-        """At least ``words`` int32 of scratch for kernels about to run on ``stream``. A small workspace is
-        one buffer per stream, made once and kept (kernels on one stream run in order, so each call may
-        reuse it), which saves the small calls, whose time is mostly launch cost, an allocation each; a
-        larger one, or any while a CUDA graph is being captured (the graph must own what it reads), comes
-        from torch's caching allocator."""
+        """At least ``words`` int32 of scratch, on ``like``'s device, for kernels about to run on ``stream``.
+        A small workspace is one buffer per stream, made once and kept (kernels on one stream run in order, so
+        each call may reuse it), which saves the small calls, whose time is mostly launch cost, an allocation
+        each; a larger one, or any while a CUDA graph is being captured (the graph must own what it reads),
+        comes from torch's caching allocator."""
         if words <= SCRATCH_WORDS and not torch._C._cuda_isCurrentStreamCapturing():
             scratch = self._scratch.get(stream)
             if scratch is None:
