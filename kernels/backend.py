@@ -377,7 +377,7 @@ def w4a16(layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = No
         return None
     if m == 0:
         return x.new_empty((0, layer.out_features))
-    x = _padded(x, layer.qweight.shape[1] * 2)
+    x = _padded(x, layer._buffers["qweight"].shape[1] * 2)  # (the buffer table: see _plan_key)
     key = _plan_key(layer, x, m)
     plan = _plans.get(key)
     if plan is None:

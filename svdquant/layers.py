@@ -268,8 +268,9 @@ class W4A16Linear(W4A16Reference, nn.Module):
                                          self.kernel_backend, self.name)
         else:
             y = dispatch.w4a16(self, x2)
-        if self.lora_down is not None:
-            y = y + ((x2.to(self.lora_down.dtype) @ self.lora_down.T) @ self.lora_up[: self.out_features].T).to(y.dtype)
+        lora_down = self._buffers["lora_down"]  # read from the table: a module's attribute lookup costs per call
+        if lora_down is not None:
+            y = y + ((x2.to(lora_down.dtype) @ lora_down.T) @ self.lora_up[: self.out_features].T).to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
