@@ -2,18 +2,18 @@
 the plan lookup, output and workspace, the argument buffers, the driver calls). This is the time a FLUX
 step spends in Python before any kernel runs (about 500 quantized layer calls per step), so it is
 measured, not assumed. Where ComfyUI is found (COMFYUI_PATH, or this repository in its custom_nodes), also
-the whole layer call as ComfyUI's model makes it (the pack's custom operation around the layer, a 3-D input,
-inference mode), without and with a LoRA.
+the whole layer call as ComfyUI's model makes it (the pack's custom operation around the layer, the input
+shaped as the model passes it, inference mode), without and with a LoRA.
 
     python benchmarks/launch_overhead.py                 # no GPU: the driver's launch call stubbed
     python benchmarks/launch_overhead.py --gpu           # on a GPU: real launches, beside bf16 F.linear
 
 Without ``--gpu`` (tests/stub_gpu.py): ``cupy``'s ``cuLaunchKernel`` binding does nothing, torch's current
 CUDA stream and the device probe are stubbed; layers and inputs live on the CPU (plain tensors whose
-``is_cuda`` says True), inputs are small (16 rows) so that CPU malloc stands in for the caching allocator's
-cost. With ``--gpu``: the CPU time of enqueuing
-calls in batches small enough that the GPU never makes the CPU wait (each batch synchronised before the
-clock starts), beside the same for torch's bf16 ``F.linear``. Prints a markdown table with the date.
+``is_cuda`` says True), inputs are small (16 rows; the modulation's one) so that CPU malloc stands in for
+the caching allocator's cost. With ``--gpu``: the CPU time of enqueuing calls in batches small enough that
+the GPU never makes the CPU wait (each batch synchronised before the clock starts), beside the same for
+torch's bf16 ``F.linear``. Prints a markdown table with the date.
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ from test_layers import random_w4a4  # noqa: E402, I001
 
 from comfyui_svdquant import kernels  # noqa: E402
 from comfyui_svdquant.kernels import backend  # noqa: E402
+from comfyui_svdquant.svdquant.quantizer import quantize_w4a16  # noqa: E402
 
 SHAPES = {  # name: (in, out, rank); rank 32 as the published FLUX checkpoints
     "FLUX qkv 3072→9216": (3072, 9216, 32),
     "FLUX mlp 12288→3072": (12288, 3072, 32),
     "SDXL attn 640→640": (640, 640, 32),
 }
+MODULATION = (3072, 18432)  # FLUX's double-block modulation (W4A16): one input row per image
 LORA_RANK = 16
 BATCH = 100  # calls enqueued between synchronisations on a GPU (200 launches: far below the launch queue)
 
@@ -67,6 +69,19 @@ def per_call_us(fn, calls: int, sync=None, runs: int = 30) -> float:
             spent += time.perf_counter() - start
         fastest = min(fastest, spent / (batches * BATCH) * 1e6)
     return fastest
+
+
+def cases(rows: int):
+    """(name, precision, layer, its kernel call, the input's leading dimensions as the model passes them): the
+    W4A4 shapes in both precisions, a (batch, tokens) input each, then FLUX's modulation GEMV, one row per
+    image."""
+    for name, (k, n, rank) in SHAPES.items():
+        for precision in ("int4", "nvfp4"):
+            yield name, precision, random_w4a4(k, n, rank, precision), backend.w4a4, (1, rows)
+    k, n = MODULATION
+    generator = torch.Generator().manual_seed(0)
+    layer = quantize_w4a16("modulation", torch.randn(n, k, generator=generator) * 0.02, torch.zeros(n))
+    yield f"FLUX modulation {k}→{n}", "w4a16", layer, backend.w4a16, (1,)
 
 
 def comfyui_ops(cpu: bool):
@@ -123,27 +138,31 @@ def main() -> None:
         columns += ["ComfyUI layer call µs", "with a LoRA µs"] if ops else []
         columns += ["bf16 F.linear µs"] if args.gpu else []
         print("| " + " | ".join(columns) + " |\n| --- | --- |" + " ---: |" * (len(columns) - 2))
-        for name, (k, n, rank) in SHAPES.items():
-            for precision in ("int4", "nvfp4"):
-                layer = random_w4a4(k, n, rank, precision).to(device)
-                x = torch.randn(args.rows, k, dtype=torch.bfloat16, device=device)
-                if backend.w4a4(layer, x) is None:
-                    print(f"| {name} | {precision} | (reference path on this GPU) |" + " |" * (len(columns) - 3))
-                    continue
-                costs = [per_call_us(lambda layer=layer, x=x: backend.w4a4(layer, x), args.calls, sync),
-                         per_call_us(lambda x=x, n=n: x.new_empty((x.shape[0], n)), args.calls, sync)]
-                if ops:
-                    with torch.inference_mode():
-                        x3 = x[None]  # (batch, tokens, features), as a model's layers see them
-                        for lora in (False, True):
-                            op = comfyui_layer(ops, layer, lora)
-                            costs.append(per_call_us(lambda op=op, x3=x3: op(x3), args.calls, sync))
-                if args.gpu:
-                    w = torch.randn(n, k, dtype=torch.bfloat16, device=device)
-                    costs.append(per_call_us(lambda w=w, x=x: F.linear(x, w), args.calls, sync))
-                print(f"| {name} | {precision} | " + " | ".join(f"{c:.1f}" for c in costs) + " |")
+        for name, precision, layer, kernel, lead in cases(args.rows):
+            layer = layer.to(device)
+            model_input = torch.randn(*lead, layer.in_features, dtype=torch.bfloat16, device=device)
+            x = model_input.view(-1, layer.in_features)
+            if kernel(layer, x) is None:
+                print(f"| {name} | {precision} | (reference path on this GPU) |" + " |" * (len(columns) - 3))
+                continue
+            n = layer.out_features
+            costs = [per_call_us(lambda kernel=kernel, layer=layer, x=x: kernel(layer, x), args.calls, sync),
+                     per_call_us(lambda x=x, n=n: x.new_empty((x.shape[0], n)), args.calls, sync)]
+            if ops:
+                with torch.inference_mode():
+                    for lora in (False, True):
+                        op = comfyui_layer(ops, layer, lora)
+                        # A W4A16 layer's LoRA is a 16-bit term of two torch matmuls: CPU math when stubbed
+                        timed = args.gpu or kernel is backend.w4a4 or not lora
+                        costs.append(per_call_us(lambda op=op, inp=model_input: op(inp), args.calls, sync)
+                                     if timed else float("nan"))
+            if args.gpu:
+                w = torch.randn(n, layer.in_features, dtype=torch.bfloat16, device=device)
+                costs.append(per_call_us(lambda w=w, x=x: F.linear(x, w), args.calls, sync))
+            print(f"| {name} | {precision} | " + " | ".join("—" if c != c else f"{c:.1f}" for c in costs) + " |")
         if ops is None:
             print("\n(ComfyUI not found: set COMFYUI_PATH for the whole layer call's columns)")
+
 
 if __name__ == "__main__":
     main()
