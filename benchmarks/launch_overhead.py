@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import platform
 import sys
 import time
@@ -159,7 +160,7 @@ def main() -> None:
             if args.gpu:
                 w = torch.randn(n, layer.in_features, dtype=torch.bfloat16, device=device)
                 costs.append(per_call_us(lambda w=w, x=x: F.linear(x, w), args.calls, sync))
-            print(f"| {name} | {precision} | " + " | ".join("—" if c != c else f"{c:.1f}" for c in costs) + " |")
+            print(f"| {name} | {precision} | " + " | ".join("—" if math.isnan(c) else f"{c:.1f}" for c in costs) + " |")
         if ops is None:
             print("\n(ComfyUI not found: set COMFYUI_PATH for the whole layer call's columns)")
 
