@@ -73,7 +73,7 @@ def branch_buffers(op: nn.Module, patches: list) -> dict[int, dict[str, torch.Te
     ``patches`` (ComfyUI patch tuples) applied. The body itself is not modified."""
     body = op.quantized
     leaves = _leaves(body)
-    device = next(iter(body.buffers())).device
+    device = op.body_device()
     shape = (op.out_features, op.in_features)
     steps = [(patch, _exact_pair(patch, shape, device)) for patch in patches]
     pairs = [pair for _, pair in steps if pair is not None]

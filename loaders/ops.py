@@ -65,7 +65,7 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
             if bias:
                 self.bias = nn.Parameter(torch.empty(out_features, device="meta", dtype=dtype), requires_grad=False)
             self.quantized: nn.Module | None = None
-            self._first_buffer: tuple[nn.Module, str] | None = None  # where the body's device is read per call
+            self._first_buffer: tuple[nn.Module, str] | None = None  # where body_device reads it
             self.lora_patches: list | None = None  # set by SVDQuantModelPatcher.patch_weight_to_device
             self.hook_patches: list | None = None  # set by SVDQuantModelPatcher.patch_hook_weight_to_device
             self._branch_cache: tuple | None = None
@@ -80,9 +80,14 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
             # A module keeps its identity and buffer names when moved (only its tensors are replaced)
             self._first_buffer = next((m, name) for m in body.modules() for name, t in m._buffers.items()
                                       if t is not None)
-            self.weight = nn.Parameter(PackedWeight(body, self.weight.dtype, _device_of(body)), requires_grad=False)
+            self.weight = nn.Parameter(PackedWeight(body, self.weight.dtype, self.body_device()), requires_grad=False)
             self.bias = None
             self.clear_lora()
+
+        def body_device(self) -> torch.device:
+            """The device of the quantized body's tensors (read per call: a cheap lookup, not a module walk)."""
+            module, name = self._first_buffer
+            return module._buffers[name].device
 
         def set_lora(self, patches: list | None) -> None:
             self.lora_patches = patches
@@ -149,20 +154,13 @@ class SVDQuantOps(comfy.ops.disable_weight_init):
             body = self.quantized
             patches = self._active_patches()
             replace = self._branches(patches) if patches else {}
-            module, name = self._first_buffer
-            if self.comfy_cast_weights or replace or module._buffers[name].device != x.device:
+            if self.comfy_cast_weights or replace or self.body_device() != x.device:
                 body = _moved(body, x.device, replace)
             return body.forward(x)  # the body is this op's inside: hooks belong on the op (this call is per layer)
 
         def extra_repr(self) -> str:
             kind = "svdquant" if self.quantized is not None else "16-bit"
             return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
-
-
-def _device_of(body: nn.Module) -> torch.device:
-    for buffer in body.buffers():
-        return buffer.device
-    return torch.device("cpu")
 
 
 def quantized_ops(model: nn.Module) -> list[tuple[str, SVDQuantOps.Linear]]:
