@@ -86,6 +86,16 @@ def comfy_model(architecture, shapes: dict, dtype: torch.dtype, seed: int, hint:
     return model
 
 
+def gains_near_one(model, seed: int, is_gain) -> None:
+    """Set the diffusion model's norm gains (the parameters ``is_gain(name, parameter)`` selects) to 1 + 0.1·N(0, 1), as
+    trained ones are: a random gain far from one would make the tiny model's activations unlike a real one's."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if is_gain(name, p):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+
+
 def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides):
     """A dense ComfyUI FLUX BaseModel (``comfy.ldm.flux.model.Flux`` inside) at a small width."""
     from comfyui_svdquant.loaders.flux import FluxArchitecture
@@ -165,11 +175,9 @@ def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides):
     from comfyui_svdquant.loaders.sdxl import SDXLArchitecture
 
     model = comfy_model(SDXLArchitecture(), sdxl_shapes(dict(TINY_SDXL, **overrides)), dtype, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # norms near identity, as trained ones are
-        for module in model.diffusion_model.modules():
-            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
-                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=g))
+    norms = {name for name, m in model.diffusion_model.named_modules()
+             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None}
+    gains_near_one(model, seed, lambda name, _: name.endswith(".weight") and name.removesuffix(".weight") in norms)
     return model
 
 

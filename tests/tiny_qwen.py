@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny_models import comfy_model, meta_state_dict
+from tiny_models import comfy_model, gains_near_one, meta_state_dict
 
 # Two dual-stream blocks, 2 heads of 64 (hidden 128, MLP 512), a 64-wide text context. The rotary axes
 # add up to the head size as Qwen-Image's (16, 56, 56) do to 128.
@@ -32,12 +32,8 @@ def tiny_qwen(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides):
 
     config = dict(TINY_QWEN, **overrides)
     model = comfy_model(QwenImageArchitecture(), qwen_shapes(config), dtype, seed, hint=config)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # RMSNorm scales near one, as trained ones are
-        for name, p in model.diffusion_model.named_parameters():
-            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight",
-                              "txt_norm.weight")):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    gains_near_one(model, seed, lambda name, _: name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight",
+                                                               "norm_added_k.weight", "txt_norm.weight")))
     return model
 
 

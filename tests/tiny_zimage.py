@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny_models import comfy_model, meta_state_dict
+from tiny_models import comfy_model, gains_near_one, meta_state_dict
 
 # Z-Image-Turbo's layout at width 256: its head size (128 = 32 + 48 + 48 rotary axes), its feed-forward rule
 # (8/3 · dim rounded up to 256: 768), two refiners of each kind, pad tokens. 256 is the narrowest width whose
@@ -30,11 +30,7 @@ def tiny_zimage(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides)
 
     config = dict(TINY_ZIMAGE, **overrides)
     model = comfy_model(ZImageArchitecture(), zimage_shapes(config), dtype, seed, hint=config)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # RMSNorm gains near one, as trained ones are
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim == 1 and "norm" in name or name == "cap_embedder.0.weight":
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    gains_near_one(model, seed, lambda name, p: p.ndim == 1 and "norm" in name or name == "cap_embedder.0.weight")
     return model
 
 
