@@ -76,6 +76,12 @@ def _kernels(listings, arch: str, stem: str) -> dict[str, dict[str, int]]:
     return {name: sass.opcodes(text) for name, text in listings[(arch, stem)].items()}
 
 
+def _quantize_kernels(listings, arch: str) -> dict[str, dict[str, int]]:
+    """Kernel 1's entry points on ``arch`` (svdq_quantize_<mode>_<dtype>; not the split K's branch sum)."""
+    return {name: ops for unit in _units(arch) if unit.stem.startswith("quantize")
+            for name, ops in _kernels(listings, arch, unit.stem).items() if "branch_sum" not in name}
+
+
 def test_supported_families_per_target():
     assert build.families_for((7, 0))["int4"]  # Volta: no 4-bit tensor cores
     for arch in build.CI_TARGETS:
@@ -177,15 +183,12 @@ def test_nvfp4_gemm_uses_the_block_scaled_fp4_mma(listings):
 @NEEDS_TOOL
 @pytest.mark.parametrize("arch", build.CI_TARGETS)
 def test_quantize_runs_the_branch_down_on_tensor_cores(listings, arch):
-    for unit in _units(arch):
-        if not unit.stem.startswith("quantize"):
-            continue
-        for name, ops in _kernels(listings, arch, unit.stem).items():
-            if "branch_sum" in name:
-                continue
-            hmma = "HMMA.1688.F32" if arch == "sm_75" else "HMMA.16816.F32" + (".BF16" if "bf16" in name else "")
-            # 4 rank tiles x 4 k16 steps x 2 halves per 64-column group (two m16n8k8 each on sm_75)
-            assert ops.get(hmma, 0) == (64 if arch == "sm_75" else 32), (arch, name, dict(ops))
+    kernels = _quantize_kernels(listings, arch)
+    assert kernels, arch
+    for name, ops in kernels.items():
+        hmma = "HMMA.1688.F32" if arch == "sm_75" else "HMMA.16816.F32" + (".BF16" if "bf16" in name else "")
+        # 4 rank tiles x 4 k16 steps x 2 halves per 64-column group (two m16n8k8 each on sm_75)
+        assert ops.get(hmma, 0) == (64 if arch == "sm_75" else 32), (arch, name, dict(ops))
 
 
 # Kernel 1's divisions. Per 64-column group a lane quantizes 32 elements (rows g and g + 8, 16 columns): they
@@ -200,15 +203,11 @@ KERNEL1_DIVISORS = {"int4": 16 + 2, "uint4": 16 + 2, "nvfp4": 16 + 4}
 @NEEDS_TOOL
 @pytest.mark.parametrize("arch", build.CI_TARGETS)
 def test_quantize_divides_once_per_divisor(listings, arch):
-    for unit in _units(arch):
-        if not unit.stem.startswith("quantize"):
-            continue
-        for name, ops in _kernels(listings, arch, unit.stem).items():
-            mode = name.split("_")[2]
-            if mode == "branch":
-                continue
-            sequences = sass.count(ops, "MUFU.RCP") + sass.count(ops, "FCHK")
-            assert sequences <= KERNEL1_DIVISORS[mode], (arch, name, sequences)
+    kernels = _quantize_kernels(listings, arch)
+    assert kernels, arch
+    for name, ops in kernels.items():
+        sequences = sass.count(ops, "MUFU.RCP") + sass.count(ops, "FCHK")
+        assert sequences <= KERNEL1_DIVISORS[name.split("_")[2]], (arch, name, sequences)
 
 
 # The W4A16 GEMV streams its weights: per slab of 2048 columns each lane issues its 8 16-byte weight loads
